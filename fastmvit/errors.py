@@ -1,0 +1,18 @@
+"""Exceptions fastmvit raises. Each subclasses the built-in a caller would expect (ValueError for bad
+values, FileNotFoundError for missing weights), so generic handlers keep working."""
+
+
+class FastMViTError(Exception):
+    """Base class of every fastmvit error."""
+
+
+class InputError(FastMViTError, ValueError):
+    """An input tensor or image the model cannot take (shape, dtype, device, size)."""
+
+
+class CheckpointError(FastMViTError, ValueError):
+    """A checkpoint that cannot be read or does not fit the requested model."""
+
+
+class WeightsNotFoundError(FastMViTError, FileNotFoundError):
+    """Pretrained weights are neither cached nor downloadable."""

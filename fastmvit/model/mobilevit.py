@@ -1,0 +1,115 @@
+"""The MobileViT network (v1 and v2) with timm-compatible module names."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..variants import Variant, get_variant
+from .blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
+from .layers import ConvNormAct, Numerics
+
+__all__ = ["MobileViT", "MIN_INPUT_SIZE"]
+
+# Five stride-2 stages take the input to 1/32 of its size; below 32 pixels a stage map would be empty
+# of real content (the convolutions would run on padding alone).
+MIN_INPUT_SIZE = 32
+
+
+class MobileViT(nn.Module):
+    """MobileViT v1 or v2 classifier; ``forward`` takes float NCHW images and returns ``[B, num_classes]``
+    logits (or pooled features when ``num_classes == 0``).
+
+    The forward pass runs the plain PyTorch reference modules; on a GPU the engine in
+    ``fastmvit.engine`` executes the same weights through fused kernels.
+    """
+
+    def __init__(self, variant: Variant | str, num_classes: int = 1000):
+        super().__init__()
+        variant = get_variant(variant)
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+        self.variant = variant
+        self.num_classes = num_classes
+        self.stem = ConvNormAct(3, variant.stem_channels, 3, stride=2)
+        stages, in_ch = [], variant.stem_channels
+        for spec in variant.stages:
+            blocks = []
+            for j in range(spec.num_ir):
+                blocks.append(InvertedResidual(in_ch, spec.out_channels, spec.stride if j == 0 else 1, spec.expand))
+                in_ch = spec.out_channels
+            if spec.transformer is not None:
+                block = MobileViTBlock if variant.family == "v1" else MobileViTv2Block
+                blocks.append(block(in_ch, spec.transformer))
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.final_conv = (ConvNormAct(in_ch, variant.final_conv_channels, 1)
+                           if variant.final_conv_channels else nn.Identity())
+        self.head = nn.Module()
+        self.head.fc = nn.Linear(variant.num_features, num_classes) if num_classes else nn.Identity()
+        self.numerics = Numerics()
+        # Filled in by fastmvit.load(): where the weights came from and how to preprocess images.
+        self.pretrained_cfg: dict = {}
+        self.eval()
+
+    # ---------------------------------------------------------------------------------------------
+    def set_numerics(self, numerics: Numerics) -> "MobileViT":
+        """Compute like a given source implementation (see ``Numerics``)."""
+        for m in self.modules():
+            if hasattr(m, "numerics"):
+                m.numerics = numerics
+        return self
+
+    def check_input(self, x) -> None:
+        """Raise a clear error for anything the network cannot take."""
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"expected a torch.Tensor of images [B, 3, H, W], got {type(x).__name__}")
+        if x.dim() != 4:
+            raise InputError(f"expected images of shape [B, 3, H, W] (4 dims), got shape {list(x.shape)}"
+                             + ("; add a batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""))
+        if x.shape[1] != 3:
+            raise InputError(f"expected 3 colour channels in dim 1 (NCHW), got shape {list(x.shape)}"
+                             + ("; the input looks channels-last, use x.permute(0, 3, 1, 2)"
+                                if x.shape[-1] == 3 else ""))
+        if not x.is_floating_point():
+            raise InputError(f"expected a floating-point image tensor (float32/float16/bfloat16) scaled to "
+                             f"[0, 1], got {x.dtype}; convert with x.float() / 255")
+        if x.shape[0] == 0:
+            raise InputError("got an empty batch (B == 0)")
+        if min(x.shape[-2:]) < MIN_INPUT_SIZE:
+            raise InputError(f"image of {x.shape[-2]}x{x.shape[-1]} is too small: MobileViT downsamples by 32, "
+                             f"so height and width must be at least {MIN_INPUT_SIZE}")
+        p = self.stem.conv.weight
+        if x.device != p.device:
+            raise InputError(f"input is on {x.device} but the model is on {p.device}; "
+                             f"move one of them, e.g. x.to('{p.device}')")
+        if x.dtype != p.dtype:
+            raise InputError(f"input dtype {x.dtype} does not match the model's {p.dtype}; "
+                             f"use x.to({p.dtype}) or model.to({x.dtype})")
+
+    # ---------------------------------------------------------------------------------------------
+    def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The five stage outputs at strides 2, 4, 8, 16 and 32 (timm ``features_only``, mmpretrain
+        ``extract_feat`` with all ``out_indices``, HF ``hidden_states``)."""
+        self.check_input(x)
+        feats = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map before pooling (after the 1x1 expansion for v1), as timm's."""
+        return self.final_conv(self.forward_stages(x)[-1])
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head.fc(features.mean(dim=(-2, -1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant.name!r}, num_classes={self.num_classes}"

@@ -1,0 +1,110 @@
+"""Where the standard pretrained checkpoints live, and finding them: the fastmvit cache, then the Hugging
+Face hub cache, then a download with ``huggingface_hub`` when the network allows."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from ..errors import WeightsNotFoundError
+from ..variants import Variant
+
+__all__ = ["PretrainedWeights", "pretrained_tags", "resolve_pretrained", "cache_dir"]
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """One published checkpoint: its hub location and the preprocessing it was evaluated with."""
+
+    tag: str                  # timm's pretrained tag, e.g. "cvnets_in1k"
+    repo_id: str              # Hugging Face hub repository
+    filenames: Tuple[str, ...]  # tried in order
+    source: str               # layout of the file: "timm" or "hf"
+    input_size: int = 256
+    crop_pct: float = 0.9     # timm's: resize the shorter side to floor(input_size / crop_pct)
+    interpolation: str = "bicubic"
+    channel_order: str = "RGB"
+
+    def cache_name(self, variant: Variant) -> str:
+        return f"{variant.timm_name}.{self.tag}"
+
+
+def _timm(v: Variant, tag: str, input_size: int = 256, crop_pct: Optional[float] = None) -> PretrainedWeights:
+    if crop_pct is None:
+        crop_pct = 0.9 if v.family == "v1" else 0.888
+    return PretrainedWeights(tag, f"timm/{v.timm_name}.{tag}", ("model.safetensors", "pytorch_model.bin"),
+                             "timm", input_size, crop_pct)
+
+
+def _apple(v: Variant) -> PretrainedWeights:
+    # Apple's hub configs flip RGB to BGR and resize the shorter side to 288 with bilinear filtering.
+    return PretrainedWeights("apple", v.hf_repo, ("model.safetensors", "pytorch_model.bin"), "hf",
+                             256, 256 / 288, "bilinear", "BGR")
+
+
+def pretrained_tags(variant: Variant) -> Dict[str, PretrainedWeights]:
+    """Published checkpoints of a variant; the first is the default of ``load(name)``."""
+    tags = {"cvnets_in1k": _timm(variant, "cvnets_in1k")}
+    if variant.family == "v2" and variant.width >= 1.5:
+        tags["cvnets_in22k_ft_in1k"] = _timm(variant, "cvnets_in22k_ft_in1k")
+        tags["cvnets_in22k_ft_in1k_384"] = _timm(variant, "cvnets_in22k_ft_in1k_384", 384, 1.0)
+    if variant.hf_repo:
+        tags["apple"] = _apple(variant)
+    return tags
+
+
+def cache_dir() -> Path:
+    """fastmvit's own weight cache: ``$FASTMVIT_CACHE``, else ``~/.cache/fastmvit``."""
+    return Path(os.environ.get("FASTMVIT_CACHE", Path.home() / ".cache" / "fastmvit")).expanduser()
+
+
+def _how_to_fix(variant: Variant, pw: PretrainedWeights) -> str:
+    example = cache_dir() / (pw.cache_name(variant) + ".safetensors")
+    return (f"  - download https://huggingface.co/{pw.repo_id} ({pw.filenames[0]}) on a machine with network "
+            f"and pass it: fastmvit.load({variant.name!r}, weights='/path/to/{pw.filenames[0]}'), or put it at "
+            f"{example};\n"
+            f"  - any checkpoint of this variant from timm, Hugging Face, ml-cvnets or mmpretrain works as "
+            f"weights=;\n"
+            f"  - or ask for random weights: fastmvit.load({variant.name!r}, pretrained=False).")
+
+
+def resolve_pretrained(variant: Variant, tag=True) -> Tuple[str, PretrainedWeights]:
+    """Return ``(local path, PretrainedWeights)`` for a variant's published checkpoint, downloading it
+    only if it is in neither cache. ``tag``: True for the default checkpoint, or a tag name."""
+    tags = pretrained_tags(variant)
+    if tag is True:
+        tag = next(iter(tags))
+    if tag not in tags:
+        raise ValueError(f"{variant.name!r} has no pretrained weights tagged {tag!r}; available: {list(tags)}")
+    pw = tags[tag]
+
+    for suffix in CHECKPOINT_SUFFIXES:
+        local = cache_dir() / (pw.cache_name(variant) + suffix)
+        if local.is_file():
+            return str(local), pw
+
+    import huggingface_hub
+
+    for filename in pw.filenames:
+        cached = huggingface_hub.try_to_load_from_cache(pw.repo_id, filename)
+        if isinstance(cached, str):
+            return cached, pw
+
+    errors = []
+    if not _offline():
+        for filename in pw.filenames:
+            try:
+                return huggingface_hub.hf_hub_download(pw.repo_id, filename), pw
+            except Exception as e:  # network, auth, missing file: all mean "not available here"
+                errors.append(f"{filename}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    why = "HF_HUB_OFFLINE is set" if _offline() else "download failed (" + "; ".join(errors) + ")"
+    raise WeightsNotFoundError(
+        f"pretrained weights for {variant.name!r} ({pw.repo_id}) are not cached and could not be downloaded: "
+        f"{why}. To continue:\n{_how_to_fix(variant, pw)}")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,24 @@
+"""Shared test set-up. On a machine without CUDA the Triton kernels run under the interpreter, which must
+be chosen before any kernel module is imported."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests must never reach the network (pretrained downloads are tested up to huggingface_hub's API).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_network_cache(tmp_path_factory, monkeypatch):
+    """Point the fastmvit and Hugging Face caches at empty folders so no test finds a user's files."""
+    import huggingface_hub.constants as hfc
+
+    root = tmp_path_factory.mktemp("caches")
+    monkeypatch.setenv("FASTMVIT_CACHE", str(root / "fastmvit"))
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(root / "hf"))
