@@ -8,7 +8,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,8 +60,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["fastmvit", "fastmvit.model", "fastmvit.weights", "fastmvit.engine", "fastmvit.ops",
-              "fastmvit.serving", "fastmvit.kernels"],
+    packages=find_packages(include=["fastmvit", "fastmvit.*"]) + ["fastmvit.kernels"],
     # The Triton kernels live at the top of the repository and install inside the package.
     package_dir={"fastmvit.kernels": "kernels"},
     package_data={"fastmvit": ["data/*.tsv"]},
