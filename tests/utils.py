@@ -27,3 +27,18 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 def images(shape, seed: int = 1) -> torch.Tensor:
     """Random images in [0, 1]."""
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def hf_model(variant, num_labels: int = 1000):
+    """The Hugging Face transformers model of a fastmvit variant, randomly initialised (eval mode)."""
+    import transformers
+
+    if variant.family == "v1":
+        dims = [s.transformer.dim for s in variant.stages[2:]]
+        config = transformers.MobileViTConfig(
+            hidden_sizes=dims, neck_hidden_sizes=[variant.stem_channels, *variant.stage_channels,
+                                                  variant.final_conv_channels],
+            expand_ratio=float(variant.stages[0].expand), num_labels=num_labels)
+        return transformers.MobileViTForImageClassification(config).eval()
+    config = transformers.MobileViTV2Config(width_multiplier=variant.width, num_labels=num_labels)
+    return transformers.MobileViTV2ForImageClassification(config).eval()

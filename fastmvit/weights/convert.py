@@ -119,7 +119,8 @@ def to_canonical(tensors: Dict[str, torch.Tensor], variant: Optional[str] = None
     fmt = detect_format(tensors)
     wanted = get_variant(variant) if variant is not None else None
     candidates = _family_candidates(fmt, tensors)
-    with_head = num_classes != 0
+    # A headless checkpoint is matched on its backbone; the num_classes check below explains the head.
+    with_head = num_classes != 0 and _head_classes(tensors, fmt, candidates[0]) is not None
     matches = [_match(tensors, fmt, v, with_head) for v in candidates]
     exact = [m for m in matches if m.ok]
     fmt_name = {"hf": "Hugging Face", "cvnets": "ml-cvnets"}.get(fmt, fmt)

@@ -1,0 +1,98 @@
+"""The module's contract: input checks with clear errors, any input size, feature maps, dtypes."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmvit
+from fastmvit import InputError
+
+from .utils import images
+
+
+@pytest.fixture(scope="module")
+def xxs():
+    return fastmvit.load("xxs", pretrained=False)
+
+
+@pytest.mark.parametrize("x,match", [
+    (torch.rand(3, 64, 64), r"\[B, 3, H, W\] \(4 dims\), got shape \[3, 64, 64\]; add a batch dimension"),
+    (torch.rand(1, 1, 3, 64, 64), r"4 dims\), got shape \[1, 1, 3, 64, 64\]"),
+    (torch.rand(2, 1, 64, 64), r"expected 3 colour channels in dim 1 \(NCHW\), got shape \[2, 1, 64, 64\]"),
+    (torch.rand(2, 64, 64, 3), r"looks channels-last, use x.permute\(0, 3, 1, 2\)"),
+    (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), r"floating-point .* got torch.uint8"),
+    (torch.rand(1, 3, 16, 64), r"image of 16x64 is too small: .* at least 32"),
+    (torch.rand(0, 3, 64, 64), r"empty batch"),
+    (torch.rand(1, 3, 64, 64, dtype=torch.float64), r"input dtype torch.float64 does not match the model's "
+                                                     r"torch.float32"),
+    ([[0.0]], r"expected a torch.Tensor"),
+])
+def test_bad_input_is_explained(xxs, x, match):
+    with pytest.raises(InputError, match=match):
+        xxs(x)
+
+
+def test_input_on_another_device_is_explained():
+    model = fastmvit.load("xxs", pretrained=False).to("meta")
+    with pytest.raises(InputError, match=r"input is on cpu but the model is on meta"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name", ["xxs", "v2-0.5"])
+@pytest.mark.parametrize("size", [(32, 32), (97, 131), (250, 300)])
+def test_any_input_size(name, size):
+    model = fastmvit.load(name, pretrained=False)
+    with torch.inference_mode():
+        assert model(images((1, 3, *size))).shape == (1, 1000)
+
+
+def test_stage_maps_and_features(xxs):
+    x = images((2, 3, 96, 128))
+    with torch.inference_mode():
+        stages = xxs.forward_stages(x)
+        features = xxs.forward_features(x)
+        logits = xxs(x)
+    assert [tuple(s.shape) for s in stages] == [(2, 16, 48, 64), (2, 24, 24, 32), (2, 48, 12, 16),
+                                                 (2, 64, 6, 8), (2, 80, 3, 4)]
+    assert features.shape == (2, 320, 3, 4)
+    torch.testing.assert_close(logits, xxs.forward_head(features), rtol=0, atol=0)
+
+
+def test_v2_keeps_the_enlarged_map_at_odd_sizes():
+    """ml-cvnets/timm semantics: a 7x7 v2 stage-5 input is enlarged to 8x8 and stays 8x8."""
+    model = fastmvit.load("v2-0.5", pretrained=False)
+    with torch.inference_mode():
+        assert model.forward_features(images((1, 3, 224, 224))).shape == (1, 256, 8, 8)
+        hf = fastmvit.load("v2-0.5", pretrained=False, numerics="hf")
+        assert hf.forward_features(images((1, 3, 224, 224))).shape == (1, 256, 7, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu(xxs, dtype):
+    x = images((1, 3, 64, 64))
+    model = fastmvit.load("xxs", weights=xxs.state_dict(), dtype=dtype)
+    with torch.inference_mode():
+        ref = xxs(x)
+        out = model(x.to(dtype))
+    assert out.dtype == dtype
+    assert torch.nn.functional.cosine_similarity(out.float(), ref, dim=1).min() > 0.999
+
+
+def test_module_behaves_like_a_module(xxs):
+    assert not xxs.training
+    copy = fastmvit.load("xxs", pretrained=False).to(torch.float64)
+    assert copy.stem.conv.weight.dtype == torch.float64
+    assert "variant='xxs'" in repr(copy).splitlines()[0] or "variant='xxs'" in repr(copy)
+
+
+def test_import_is_light():
+    """Importing fastmvit imports no Triton, initialises no CUDA and opens no socket."""
+    code = ("import sys, socket\n"
+            "socket.socket.connect = lambda *a: (_ for _ in ()).throw(RuntimeError('network'))\n"
+            "import fastmvit, torch\n"
+            "assert 'triton' not in sys.modules, 'triton imported'\n"
+            "assert not torch.cuda.is_initialized()\n"
+            "fastmvit.load('xxs', pretrained=False)\n"
+            "assert 'triton' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
