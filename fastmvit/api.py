@@ -28,6 +28,8 @@ def load(
     pretrained: Union[bool, str] = True,
     num_classes: Optional[int] = 1000,
     numerics: Union[str, Numerics] = "auto",
+    backend: str = "auto",
+    cuda_graphs: bool = True,
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> MobileViT:
@@ -46,6 +48,11 @@ def load(
         num_classes: classes of the head; None takes the checkpoint's, 0 returns pooled features.
         numerics: "auto" computes exactly like the implementation the checkpoint came from; or one of
             "cvnets", "timm", "hf", "mmpretrain", or a ``Numerics``.
+        backend: "auto" runs the fused Triton engine on CUDA tensors and the plain PyTorch modules on CPU
+            tensors; "triton" forces the engine (on CPU tensors under TRITON_INTERPRET=1, slow, for
+            tests); "torch" never uses it.
+        cuda_graphs: replay CUDA graphs for batches up to ``model.cuda_graph_max_batch`` (32) on the
+            engine path.
         device, dtype: where and in which float type to put the model.
 
     Returns the model in eval mode. ``model.pretrained_cfg`` records the source, the preprocessing the
@@ -68,6 +75,9 @@ def load(
         model = MobileViT(variant, 1000 if num_classes is None else num_classes)
 
     model.set_numerics(resolve_numerics(numerics, fmt))
+    model.backend = backend
+    model.cuda_graphs = cuda_graphs
+    model.requires_grad_(False)  # an inference engine; call requires_grad_() to train the torch path
     preprocess = preprocess_config_for(fmt or "timm", variant.family, pretrained_weights)
     hf_processor = Path(info["path"]).parent / "preprocessor_config.json" if info.get("path") else None
     if hf_processor is not None and hf_processor.is_file():

@@ -6,6 +6,7 @@ from typing import List
 import torch
 from torch import nn
 
+from ..engine import BACKENDS, DEFAULT_MAX_BATCH, EngineCache, uses_engine
 from ..errors import InputError
 from ..variants import Variant, get_variant
 from .blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
@@ -22,8 +23,11 @@ class MobileViT(nn.Module):
     """MobileViT v1 or v2 classifier; ``forward`` takes float NCHW images and returns ``[B, num_classes]``
     logits (or pooled features when ``num_classes == 0``).
 
-    The forward pass runs the plain PyTorch reference modules; on a GPU the engine in
-    ``fastmvit.engine`` executes the same weights through fused kernels.
+    ``backend`` chooses how ``forward`` runs: "auto" (the fused engine on CUDA tensors, the plain PyTorch
+    modules on CPU tensors), "triton" (the engine everywhere; on the CPU under the Triton interpreter,
+    for tests) or "torch" (the reference modules everywhere). ``forward_features`` and ``forward_stages``
+    always run the reference modules. ``cuda_graphs`` replays captured CUDA graphs for batches up to
+    ``cuda_graph_max_batch`` on the engine path.
     """
 
     def __init__(self, variant: Variant | str, num_classes: int = 1000):
@@ -52,7 +56,44 @@ class MobileViT(nn.Module):
         self.numerics = Numerics()
         # Filled in by fastmvit.load(): where the weights came from and how to preprocess images.
         self.pretrained_cfg: dict = {}
+        self.backend = "auto"
+        self.cuda_graph_max_batch = DEFAULT_MAX_BATCH
+        self._engines = EngineCache()
         self.eval()
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.cuda_graph_max_batch > 0
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled: bool) -> None:
+        self.cuda_graph_max_batch = DEFAULT_MAX_BATCH if enabled else 0
+        self._engines.clear()
+
+    def invalidate_engine(self) -> None:
+        """Drop packed weights and captured graphs; needed only after editing parameters in place (moving,
+        casting and load_state_dict do it themselves)."""
+        self._engines.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        if hasattr(self, "_engines"):
+            self._engines.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._engines.clear()
+        return super().load_state_dict(*args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------
     def set_numerics(self, numerics: Numerics) -> "MobileViT":
@@ -109,7 +150,13 @@ class MobileViT(nn.Module):
         return self.head.fc(features.mean(dim=(-2, -1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        if not uses_engine(self.backend, x if isinstance(x, torch.Tensor) else torch.empty(0)):
+            return self.forward_head(self.forward_features(x))
+        self.check_input(x)
+        if torch.is_grad_enabled() and (x.requires_grad or self.stem.conv.weight.requires_grad):
+            raise RuntimeError("fastmvit's fused engine is inference-only: run the model under torch.no_grad() "
+                               "or torch.inference_mode(), or use backend='torch' to compute gradients")
+        return self._engines.runner(self, x)(x)
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant.name!r}, num_classes={self.num_classes}"
+        return f"variant={self.variant.name!r}, num_classes={self.num_classes}, backend={self.backend!r}"

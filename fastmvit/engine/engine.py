@@ -1,0 +1,87 @@
+"""The fused engine of one model: packed weights per (device, dtype), built on first use, plus the CUDA
+graphs that replay small batches."""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Dict, Tuple
+
+import torch
+
+from .graphs import DEFAULT_MAX_BATCH, GraphRunner
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def prepare_kernels(device: torch.device) -> None:
+    """Triton decides at import whether kernels are compiled or interpreted. On CPU tensors they can only
+    be interpreted: choose that before the first kernel module is imported, and refuse clearly if the
+    kernels were already imported for the GPU in this process."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if any(name.startswith("fastmvit.kernels.") and name != "fastmvit.kernels._common" for name in sys.modules):
+        raise RuntimeError("backend='triton' on CPU tensors runs the kernels under the Triton interpreter, which "
+                           "must be chosen before they are imported: set TRITON_INTERPRET=1 at the start of "
+                           "the process (the kernels were already imported for a GPU here)")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+class Engine:
+    """``engine(x)``: NCHW images [B, 3, H, W] in the engine's dtype -> logits [B, num_classes] (or pooled
+    features when the model has no head), in that dtype."""
+
+    def __init__(self, model, device: torch.device, dtype: torch.dtype):
+        prepare_kernels(device)
+        from .plan import build_steps  # imports the kernels: only now, never at package import
+
+        self.device, self.dtype = device, dtype
+        with torch.no_grad():
+            self.steps = build_steps(model, device, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            x = step(x)
+        return x.to(self.dtype)
+
+
+class EngineCache:
+    """The engines and graph runners of one model, keyed by (device, dtype); dropped whenever the model's
+    weights, device or dtype change (``MobileViT._apply`` and ``load_state_dict`` call ``clear``)."""
+
+    def __init__(self):
+        self._runners: Dict[Tuple[torch.device, torch.dtype], GraphRunner] = {}
+        self._lock = threading.Lock()
+
+    def runner(self, model, x: torch.Tensor) -> GraphRunner:
+        key = (x.device, x.dtype)
+        runner = self._runners.get(key)
+        if runner is None:
+            with self._lock:
+                runner = self._runners.get(key)
+                if runner is None:
+                    runner = GraphRunner(Engine(model, x.device, x.dtype), max_batch=model.cuda_graph_max_batch)
+                    self._runners[key] = runner
+        return runner
+
+    def clear(self) -> None:
+        with self._lock:
+            self._runners.clear()
+
+    # A copied or pickled model starts with an empty cache (locks and CUDA graphs do not copy).
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+def uses_engine(backend: str, x: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return x.is_cuda  # "auto"
+
+
+__all__ = ["BACKENDS", "DEFAULT_MAX_BATCH", "Engine", "EngineCache", "prepare_kernels", "uses_engine"]

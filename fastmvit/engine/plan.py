@@ -1,0 +1,206 @@
+"""The fused forward: a MobileViT turned, once per (device, dtype), into a list of steps over packed weights.
+
+Every BatchNorm is folded into the convolution before it, every LayerNorm/GroupNorm affine into the GEMM
+after it, and activations stay NHWC from the stem (which reads the NCHW input directly) to the pooled
+classifier. Each step calls registered ops (``fastmvit.ops``) that launch the Triton kernels (or the CUDA
+extension). The module tree stays the source of truth: nothing here reads a checkpoint.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List
+
+import torch
+import torch.nn.functional as F
+
+from ..model.blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
+from ..model.layers import ConvNormAct
+from ..ops import attention, conv, dwconv, gemm, mv2_block, pool, sepattn
+from .fold import fold_bn
+
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _folded(m: ConvNormAct):
+    return fold_bn(m.conv.weight, m.bn)
+
+
+def _interpolate_nhwc(x: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    """Bilinear resize of an NHWC map (the rare odd-size path); stays NHWC without a layout copy."""
+    y = F.interpolate(x.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=align_corners)
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
+class Stem:
+    def __init__(self, m: ConvNormAct, dtype):
+        self.w, self.b = conv.pack_conv3x3(*_folded(m), dtype)
+
+    def __call__(self, x):  # x: the model's NCHW input
+        return conv.conv3x3(x, self.w, self.b, stride=2, act=True, input_nchw=True)
+
+
+class InvertedResidualStep:
+    """Fused into one kernel where ``mv2_block.should_fuse`` says so for the live shape, else three
+    kernels: expand GEMM (+SiLU), depthwise (+SiLU), project GEMM (+residual)."""
+
+    def __init__(self, m: InvertedResidual, dtype, device):
+        (w1, b1), (wd, bd), (w3, b3) = (_folded(c) for c in (m.conv1_1x1, m.conv2_kxk, m.conv3_1x1))
+        self.stride = m.conv2_kxk.conv.stride[0]
+        self.fused = mv2_block.pack_inverted_residual(w1, b1, wd, bd, w3, b3, stride=self.stride, dtype=dtype,
+                                                      residual=m.has_residual)
+        self.expand = gemm.pack_linear(w1, b1, dtype=dtype, device=device)
+        self.dw_w, self.dw_b = dwconv.pack_dwconv3x3(wd, bd)
+        self.project = gemm.pack_linear(w3, b3, dtype=dtype, device=device)
+        self.residual = m.has_residual
+
+    def use_fused(self, x) -> bool:
+        p = self.fused
+        return mv2_block.should_fuse(p.cin, p.hidden, p.cout, self.stride, height=x.shape[1], width=x.shape[2],
+                                     batch=x.shape[0])
+
+    def __call__(self, x):
+        if self.use_fused(x):
+            return mv2_block.inverted_residual(x, self.fused, fused=True)
+        B, H, W, C = x.shape
+        rows = x.reshape(-1, C)
+        h = gemm.linear(rows, self.expand, act="silu").reshape(B, H, W, -1)
+        h = dwconv.dwconv3x3(h, self.dw_w, self.dw_b, stride=self.stride, act=True)
+        _, OH, OW, hidden = h.shape
+        y = gemm.linear(h.reshape(-1, hidden), self.project, residual=rows if self.residual else None)
+        return y.reshape(B, OH, OW, -1)
+
+
+class MobileViTStep:
+    """v1 block. The transformer runs on the NHWC map itself: LayerNorm, the projections and the MLP are
+    per pixel, and the attention kernel reads each 2x2-patch sequence as a strided pixel set."""
+
+    def __init__(self, m: MobileViTBlock, dtype, device):
+        pack = lambda w, b=None, norm=None: gemm.pack_linear(  # noqa: E731
+            w, b, norm_weight=None if norm is None else norm.weight,
+            norm_bias=None if norm is None else norm.bias, dtype=dtype, device=device)
+        self.local_w, self.local_b = conv.pack_conv3x3(*_folded(m.conv_kxk), dtype)
+        self.to_tokens = pack(m.conv_1x1.weight)
+        self.heads = m.transformer[0].attn.heads
+        self.layers = [(pack(t.attn.qkv.weight, t.attn.qkv.bias, t.norm1), pack(t.attn.proj.weight, t.attn.proj.bias),
+                        pack(t.mlp.fc1.weight, t.mlp.fc1.bias, t.norm2), pack(t.mlp.fc2.weight, t.mlp.fc2.bias))
+                       for t in m.transformer]
+        wp, bp = _folded(m.conv_proj)
+        self.proj_with_norm = pack(wp, bp, m.norm)      # final LayerNorm fused into the projection
+        self.proj = pack(wp, bp)                       # for odd maps, where the LayerNorm runs before a resize
+        self.norm = m.norm
+        self.fusion_w, self.fusion_b = conv.pack_conv3x3(*_folded(m.conv_fusion), dtype)
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        y = conv.conv3x3(x, self.local_w, self.local_b, stride=1, act=True)
+        t = gemm.linear(y.reshape(-1, C), self.to_tokens).reshape(B, H, W, -1)
+        Hp, Wp = math.ceil(H / 2) * 2, math.ceil(W / 2) * 2
+        resized = (Hp, Wp) != (H, W)
+        if resized:
+            t = _interpolate_nhwc(t, (Hp, Wp), align_corners=False)
+        d = t.shape[-1]
+        t = t.reshape(-1, d)
+        for qkv_w, proj_w, fc1_w, fc2_w in self.layers:
+            qkv = gemm.linear(t, qkv_w, norm="layer").reshape(B, Hp, Wp, 3 * d)
+            a = attention.patch_attention(qkv, self.heads).reshape(-1, d)
+            t = gemm.linear(a, proj_w, residual=t)
+            h = gemm.linear(t, fc1_w, norm="layer", act="silu")
+            t = gemm.linear(h, fc2_w, residual=t)
+        if resized:
+            t = F.layer_norm(t, (d,), self.norm.weight.to(t.dtype), self.norm.bias.to(t.dtype), self.norm.eps)
+            t = _interpolate_nhwc(t.reshape(B, Hp, Wp, d), (H, W), align_corners=False).reshape(-1, d)
+            p = gemm.linear(t, self.proj, act="silu")
+        else:
+            p = gemm.linear(t, self.proj_with_norm, norm="layer", act="silu")
+        return conv.conv3x3(x, self.fusion_w, self.fusion_b, stride=1, act=True, x2=p.reshape(B, H, W, C))
+
+
+class MobileViTv2Step:
+    """v2 block: every GroupNorm(1) is fused into the GEMM after it, its statistics emitted as partial
+    sums by the GEMM before it (a split reduction, never a pass of its own)."""
+
+    def __init__(self, m: MobileViTv2Block, dtype, device, hf_odd: bool):
+        pack = lambda w, b=None, norm=None: gemm.pack_linear(  # noqa: E731
+            w, b, norm_weight=None if norm is None else norm.weight,
+            norm_bias=None if norm is None else norm.bias, dtype=dtype, device=device)
+        self.dw_w, self.dw_b = dwconv.pack_dwconv3x3(*_folded(m.conv_kxk))
+        self.to_tokens = pack(m.conv_1x1.weight)
+        self.d = m.conv_1x1.weight.shape[0]
+        self.layers = [(sepattn.pack_qkv(t.attn.qkv_proj.weight, t.attn.qkv_proj.bias, norm_weight=t.norm1.weight,
+                                         norm_bias=t.norm1.bias, dtype=dtype, device=device),
+                        pack(t.attn.out_proj.weight, t.attn.out_proj.bias),
+                        pack(t.mlp.fc1.weight, t.mlp.fc1.bias, t.norm2), pack(t.mlp.fc2.weight, t.mlp.fc2.bias))
+                       for t in m.transformer]
+        wp, bp = _folded(m.conv_proj)
+        self.proj_with_norm = pack(wp, bp, m.norm)
+        self.proj = pack(wp, bp)
+        self.norm = m.norm
+        self.hf_odd = hf_odd
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        odd = H % 2 or W % 2
+        if odd and not self.hf_odd:  # ml-cvnets/timm: enlarge the block input and keep the enlarged size
+            x = _interpolate_nhwc(x, (math.ceil(H / 2) * 2, math.ceil(W / 2) * 2), align_corners=True)
+            B, H, W, C = x.shape
+            odd = False
+        y = dwconv.dwconv3x3(x, self.dw_w, self.dw_b, stride=1, act=True)
+        if odd:  # Hugging Face: the transformer sees the even part; fold leaves zeros in the rest
+            y = y[:, : H // 2 * 2, : W // 2 * 2].contiguous()
+        Ht, Wt = y.shape[1:3]
+        d, hw = self.d, Ht * Wt
+        t, stats = gemm.linear(y.reshape(-1, C), self.to_tokens, emit_group_stats=True, rows_per_sample=hw)
+        for qkv_w, out_w, fc1_w, fc2_w in self.layers:
+            qkv = gemm.linear(t, qkv_w, norm="group", group_stats=stats, rows_per_sample=hw)
+            cv = sepattn.sepattn_context(qkv, d, Ht, Wt, **sepattn.QKV_COLUMNS(d))
+            t, stats = gemm.linear(qkv[:, d:2 * d], out_w, relu_scale=cv, hw=(Ht, Wt), residual=t,
+                                   emit_group_stats=True, rows_per_sample=hw)
+            h = gemm.linear(t, fc1_w, norm="group", group_stats=stats, rows_per_sample=hw, act="silu")
+            t, stats = gemm.linear(h, fc2_w, residual=t, emit_group_stats=True, rows_per_sample=hw)
+        if not odd:
+            out = gemm.linear(t, self.proj_with_norm, norm="group", group_stats=stats, rows_per_sample=hw)
+            return out.reshape(B, H, W, C)
+        t = F.group_norm(t.reshape(B, Ht, Wt, d).permute(0, 3, 1, 2), 1, self.norm.weight.to(t.dtype),
+                         self.norm.bias.to(t.dtype), self.norm.eps)
+        t = F.pad(t, (0, W - Wt, 0, H - Ht)).permute(0, 2, 3, 1).contiguous()
+        return gemm.linear(t.reshape(-1, d), self.proj).reshape(B, H, W, C)
+
+
+class Head:
+    """v1: the 1x1 expansion conv (+SiLU) with mean pooling in its epilogue, so the widest map never reaches
+    memory, then the classifier. v2: pooling fused with the classifier."""
+
+    def __init__(self, model, dtype, device):
+        self.final = None
+        if isinstance(model.final_conv, ConvNormAct):
+            self.final = gemm.pack_linear(*_folded(model.final_conv), dtype=dtype, device=device)
+        fc = model.head.fc
+        self.fc = gemm.pack_linear(fc.weight, fc.bias, dtype=dtype, device=device) \
+            if isinstance(fc, torch.nn.Linear) else None
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        if self.final is not None:
+            pooled = gemm.linear(x.reshape(-1, C), self.final, act="silu", pool=True, rows_per_sample=H * W)
+            return pool.classifier(pooled, self.fc) if self.fc is not None else pooled
+        if self.fc is None:
+            return x.float().mean(dim=(1, 2))
+        return pool.pool_linear(x, self.fc)
+
+
+def build_steps(model, device: torch.device, dtype: torch.dtype) -> List[Step]:
+    """The model's forward as steps, with weights packed for ``device`` and ``dtype``."""
+    hf_odd = model.numerics.v2_odd_size == "hf"
+    steps: List[Step] = [Stem(model.stem, dtype)]
+    for stage in model.stages:
+        for block in stage:
+            if isinstance(block, InvertedResidual):
+                steps.append(InvertedResidualStep(block, dtype, device))
+            elif isinstance(block, MobileViTBlock):
+                steps.append(MobileViTStep(block, dtype, device))
+            elif isinstance(block, MobileViTv2Block):
+                steps.append(MobileViTv2Step(block, dtype, device, hf_odd))
+            else:
+                raise TypeError(f"no fused step for {type(block).__name__}")
+    steps.append(Head(model, dtype, device))
+    return steps
