@@ -32,9 +32,9 @@ def _case_id(B, N, heads, hd, dtype):
 
 def _qkv(B, N, heads, hd, dtype, seed=0):
     H, W = GRIDS[N]
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     # x1.5: a sharper softmax than unit scores, closer to a trained model's attention
-    return (1.5 * torch.randn(B, H, W, 3 * heads * hd, generator=g)).to(DEVICE, dtype)
+    return (1.5 * torch.randn(B, H, W, 3 * heads * hd, generator=g, device=DEVICE)).to(dtype)
 
 
 def _check(B, N, heads, hd, dtype, config=None):
