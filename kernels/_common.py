@@ -24,6 +24,9 @@ class CompileConfig:
 
     signature: every argument name -> Triton type ("*fp16", "*fp32", "i32", "fp32", "constexpr").
     constexprs: the values of the constexpr arguments.
+    attrs: extra specialisation attributes by argument index, e.g. ``{(3,): [["tt.divisibility", 16]]}``
+        for an integer the launcher always passes as a multiple of 16; pointers get 16-byte alignment
+        (what torch's allocator guarantees) without saying so.
     """
 
     name: str
@@ -32,3 +35,4 @@ class CompileConfig:
     constexprs: Dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    attrs: Dict[Any, Any] = field(default_factory=dict)

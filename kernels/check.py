@@ -64,7 +64,13 @@ def _compile_one(family: str, index: int, arch: int) -> Result:
     cfg = _configs(family)[index]
     start = time.perf_counter()
     try:
-        src = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs)
+        # At run time Triton specialises every pointer from torch's allocator as 16-byte aligned (and
+        # integers divisible by 16 as such): compile the same specialisation, or the vector widths and
+        # register counts reported here would not be the ones that run.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(cfg.signature.items())
+                 if ty.startswith("*")}
+        attrs.update(cfg.attrs)
+        src = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         usage = _resource_usage(compiled.asm["cubin"])

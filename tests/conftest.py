@@ -7,6 +7,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the engine sets it (fastmvit.engine.prepare_kernels)
 
 # Tests must never reach the network (pretrained downloads are tested up to huggingface_hub's API).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

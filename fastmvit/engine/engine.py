@@ -18,6 +18,9 @@ def prepare_kernels(device: torch.device) -> None:
     """Triton decides at import whether kernels are compiled or interpreted. On CPU tensors they can only
     be interpreted: choose that before the first kernel module is imported, and refuse clearly if the
     kernels were already imported for the GPU in this process."""
+    # Triton 3.9 warns that it will stop fusing multiply-adds by default; the kernels' softmax and
+    # epilogues are written for fused multiply-adds, so keep them unless the user chose otherwise.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return
     if any(name.startswith("fastmvit.kernels.") and name != "fastmvit.kernels._common" for name in sys.modules):
