@@ -202,8 +202,20 @@ def serve(model: str = "s", weights=None, *, host: str = "127.0.0.1", port: int 
           timeout: float = 30.0, log_level: str = "info", **api_kwargs) -> None:
     """Start a LitServe server for ``model`` and block until it is stopped (Ctrl+C). ``device``: "auto",
     "cpu" or "cuda"; ``api_kwargs`` go to ``FastMViTAPI``."""
+    import os
+    import signal
+
     from . import metrics
 
+    owner = os.getpid()
+
+    def stop(signum, frame):  # SIGTERM as Ctrl+C: LitServe's graceful shutdown, then the atexit clean-up
+        if os.getpid() == owner:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)  # a forked child inherited this handler: die quietly
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stop)
     metrics.use_multiprocess_dir()
     api = FastMViTAPI(model, weights, **api_kwargs)
     accelerator = "auto" if device in (None, "auto") else device
