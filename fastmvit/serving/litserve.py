@@ -20,13 +20,14 @@ in LitServe's batched loop an exception from any one request fails every request
 import base64
 import binascii
 import json
+import os
 import time
 from typing import Annotated, Optional, Sequence, Tuple, Union
 
+import anyio
 import litserve as ls
 import numpy as np
 from fastapi import Depends, HTTPException, Request
-from starlette.concurrency import run_in_threadpool
 
 from .common import Classifier, ImageDecoder, InputLimits, RequestError, default_batch_sizes
 from .metrics import RequestMetricsMiddleware, ServerMetrics
@@ -73,6 +74,7 @@ class FastMViTAPI(ls.LitAPI):
         self.decoder: Optional[ImageDecoder] = None  # HTTP process: set by prepare()
         self.num_classes: Optional[int] = None
         self.classifier: Optional[Classifier] = None  # worker process: set by setup()
+        self._slots = None  # HTTP process: made on first use, in that process's event loop
 
     # --- HTTP process -----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -99,11 +101,18 @@ class FastMViTAPI(ls.LitAPI):
             if kind in NPY_TYPES:
                 pixels = self.decoder.read_npy(body)
             else:
-                pixels = await run_in_threadpool(self.decoder.decode, body)
+                pixels = await anyio.to_thread.run_sync(self.decoder.decode, body, limiter=self._decode_slots())
         except RequestError as e:
             raise HTTPException(status_code=e.status, detail=e.message) from None
         self.metrics.decode(time.perf_counter() - start)
         return pixels, top_k
+
+    def _decode_slots(self) -> "anyio.CapacityLimiter":
+        """At most a few decodes at once per HTTP process: a large image takes ~100 MB while decoding,
+        and more threads than cores would not decode faster."""
+        if getattr(self, "_slots", None) is None:
+            self._slots = anyio.CapacityLimiter(max(2, os.cpu_count() or 1))
+        return self._slots
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.limits.max_bytes
@@ -202,7 +211,6 @@ def serve(model: str = "s", weights=None, *, host: str = "127.0.0.1", port: int 
           timeout: float = 30.0, log_level: str = "info", **api_kwargs) -> None:
     """Start a LitServe server for ``model`` and block until it is stopped (Ctrl+C). ``device``: "auto",
     "cpu" or "cuda"; ``api_kwargs`` go to ``FastMViTAPI``."""
-    import os
     import signal
 
     from . import metrics

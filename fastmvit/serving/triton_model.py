@@ -25,15 +25,18 @@ from .common import Classifier, InputLimits, RequestError
 __all__ = ["TritonPythonModel"]
 
 
-def _check_numpy_abi() -> None:
-    """Older backend stubs were built against NumPy 1.x and read NumPy 2 arrays as zeros (or crash on
-    strings); refuse to serve wrong answers and say how to fix the environment."""
-    probe = np.arange(1, 5, dtype=np.float32)
-    if not np.array_equal(pb_utils.Tensor("probe", probe).as_numpy(), probe):
+def _check_numpy(params: dict) -> None:
+    """Triton's Python-backend stubs built against NumPy 1.x (nvidia-pytriton 0.7's, and the NGC
+    containers' of that time) mis-size NumPy 2 arrays: string outputs come back empty, string inputs crash
+    the stub, with no error the model could see. Refuse to serve such wrong answers unless the config says
+    the backend was built for NumPy 2."""
+    if int(np.__version__.split(".")[0]) >= 2 and params.get("fastmvit_stub_numpy2", "").lower() != "yes":
         raise RuntimeError(
-            f"this Triton Python-backend stub cannot read NumPy {np.__version__} arrays (it was built against "
-            f"NumPy 1.x): install numpy<2 in the Python environment the stub runs (the python3 first on the "
-            f"server's PATH), or use a backend built for NumPy 2")
+            f"the Python backend runs with NumPy {np.__version__}, but backend stubs built against NumPy 1.x "
+            f"send empty string outputs (topk_labels) and crash on string inputs (image_bytes) with NumPy 2: "
+            f"install numpy<2 in the stub's Python environment (the python3 first on the server's PATH), or, "
+            f"if this backend was built for NumPy 2, add to config.pbtxt: parameters "
+            f'{{ key: "fastmvit_stub_numpy2" value: {{ string_value: "yes" }} }}')
 
 
 def _log(message: str, error: bool = False) -> None:
@@ -46,9 +49,9 @@ def _log(message: str, error: bool = False) -> None:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        _check_numpy_abi()
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        _check_numpy(params)
         self.name = args.get("model_name", config.get("name", "fastmvit"))
         gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
@@ -155,7 +158,8 @@ class TritonPythonModel:
             batch.append(images)
         if batch:
             try:
-                responses = self._answer(responses, good, torch.cat([b.to("cpu") for b in batch]))
+                device = self.classifier.device  # inputs may already be there (FORCE_CPU_ONLY_INPUT_TENSORS=no)
+                responses = self._answer(responses, good, torch.cat([b.to(device) for b in batch]))
             except Exception:  # noqa: BLE001 - answer each request rather than fail the whole batch opaquely
                 _log(f"fastmvit: forward failed\n{traceback.format_exc()}", error=True)
                 for i, _ in good:

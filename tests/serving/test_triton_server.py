@@ -2,6 +2,8 @@
 repository fastmvit.serving.triton writes, on the CPU, queried with tritonclient over HTTP and gRPC:
 answers equal the in-process model's, every bad input gets its own 400 while the rest of its batch is
 answered, and concurrent requests are batched into one forward."""
+import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -255,3 +257,26 @@ def test_good_and_bad_requests_together_are_batched_and_none_lost(server, http, 
     rejected = prometheus_samples(metrics, "fastmvit_rejected_requests_total")[f'model="{NAME}"']
     assert rejected >= len(BAD_BYTES) + 3  # ours (the server core refuses wrong shapes/dtypes/batches itself)
     assert get(server[0][0], "/v2/health/ready")[0] == 200
+
+
+def test_refuses_to_serve_through_a_stub_that_misreads_numpy_2(checkpoint, tmp_path):
+    """The bundled stub was built against NumPy 1.x and sends NumPy 2 string arrays empty: with NumPy 2 in
+    the stub's environment the model must fail to load, saying why, rather than serve wrong answers."""
+    install = find_tritonserver()
+    if install is None:
+        pytest.skip("no tritonserver set up: run `bash .ci/setup_serving.sh`")
+    if int(np.__version__.split(".")[0]) < 2:
+        pytest.skip("this environment has NumPy 1: nothing to misread")
+    write_model_repository(tmp_path / "repo", MODEL, checkpoint, kind="cpu", max_batch_size=1, input_size=64)
+    env = install.env()
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # this environment's python3 first
+    ports = [free_port() for _ in range(3)]
+    proc = ServerProcess(install.command(str(tmp_path / "repo"), *ports), env=env,
+                         log_path=str(tmp_path / "server.log"), name="tritonserver").start()
+    try:
+        proc.proc.wait(timeout=300)  # no model could load: the server gives up
+    finally:
+        proc.stop()
+    assert proc.proc.returncode != 0
+    log = proc.log_tail(200_000)
+    assert "backend stubs built against NumPy 1.x" in log and "install numpy<2" in log
