@@ -126,6 +126,8 @@ class TritonPythonModel:
                                     "'image_bytes' (BYTES [N, 1])")
         if image is not None:
             return self.classifier.decoder.check_images(torch.from_dlpack(image.to_dlpack()))
+        if not encoded.is_cpu():
+            raise RequestError(400, "'image_bytes' must be sent in CPU memory")
         items = encoded.as_numpy().reshape(-1)
         return [self.pool.submit(self.classifier.decoder.decode, item) for item in items]
 
