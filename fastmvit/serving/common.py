@@ -1,0 +1,318 @@
+"""What the Triton and LitServe plug-ins share: the checks a request passes before it may join a batch,
+and the model behind a server (float32 on the wire, float16 inside on a GPU, warm-up of every batch size).
+
+Nothing here imports a server library, so both plug-ins and their tests can use it anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import math
+import re
+import threading
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..model import MIN_INPUT_SIZE
+from ..preprocess import PreprocessConfig, imagenet_classes, load_image, preprocess, topk
+
+__all__ = [
+    "InputLimits", "RequestError", "ImageDecoder", "Classifier", "default_batch_sizes", "resolve_device",
+    "resolve_dtype", "scaled_preprocess",
+]
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What a server accepts from one request.
+
+    max_bytes: the largest request body / encoded image, in bytes.
+    max_pixels: the largest decoded image (width * height); larger ones are refused before decoding
+        (decompression bombs declare a huge size in a tiny file).
+    min_side: the smallest side of a decoded image; MobileViT downsamples by 32, and an image smaller than
+        that carries too little to classify.
+    """
+
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    min_side: int = MIN_INPUT_SIZE
+
+    def __post_init__(self):
+        for field in ("max_bytes", "max_pixels", "min_side"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"InputLimits.{field} must be a positive int, got {value!r}")
+
+
+class RequestError(Exception):
+    """A request the server refuses. ``status`` is the HTTP status to answer with (400, 413, 415, 422);
+    ``message`` says what was wrong without echoing the request's content."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def _clean(message: str, limit: int = 300) -> str:
+    """A message safe to send back: printable ASCII, bounded length (a decoder's error text could quote
+    bytes of the input)."""
+    message = _UNPRINTABLE.sub("?", message)
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def scaled_preprocess(cfg: PreprocessConfig, input_size: Optional[int]) -> PreprocessConfig:
+    """``cfg`` at another input size, keeping its resize-to-crop ratio (256/288 stays 0.889)."""
+    if input_size is None or input_size == cfg.input_size:
+        return cfg
+    if not isinstance(input_size, int) or input_size < MIN_INPUT_SIZE:
+        raise ValueError(f"input_size must be an int >= {MIN_INPUT_SIZE}, got {input_size!r}")
+    return dataclasses.replace(cfg, input_size=input_size,
+                               resize=max(input_size, round(input_size * cfg.resize / cfg.input_size)))
+
+
+class ImageDecoder:
+    """Validate and decode one request's image, the way the in-process model's ``preprocess`` does.
+
+    ``decode(data)`` takes encoded bytes (JPEG, PNG, WebP, ...) and returns a ``[3, S, S]`` float32 NumPy
+    array in [0, 1]; ``check_images(x)`` checks preprocessed pixels ``[N, 3, S, S]``; ``read_npy`` reads one
+    image sent as a ``.npy`` file. All raise ``RequestError``. Thread-safe, and free of torch ops, so a
+    server may run it in threads of a process forked after torch was used.
+    """
+
+    def __init__(self, cfg: PreprocessConfig, limits: InputLimits = InputLimits()):
+        self.cfg = cfg
+        self.limits = limits
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return (3, self.cfg.input_size, self.cfg.input_size)
+
+    def decode(self, data: Union[bytes, bytearray, memoryview]) -> np.ndarray:
+        if data is None or len(data) == 0:
+            raise RequestError(400, "empty request: send an encoded image (JPEG, PNG, WebP, ...)")
+        if len(data) > self.limits.max_bytes:
+            raise RequestError(413, f"an image of {len(data)} bytes exceeds the limit of "
+                                    f"{self.limits.max_bytes} bytes")
+        data = bytes(data)
+        try:
+            img = load_image(data, min_side=self.limits.min_side, max_pixels=self.limits.max_pixels)
+            return preprocess(img, self.cfg).numpy()
+        except InputError as e:
+            raise RequestError(self._status(e, data), _clean(str(e))) from None
+
+    def _status(self, error: InputError, data: bytes) -> int:
+        from PIL import Image, UnidentifiedImageError
+
+        cause = error.__cause__
+        if isinstance(cause, UnidentifiedImageError):
+            return 415
+        if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            return 413
+        if cause is None:  # load_image's own size checks; read the declared size again to tell which
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    w, h = img.size
+            except Exception:
+                return 400
+            if w * h > self.limits.max_pixels:
+                return 413
+            if min(w, h) < self.limits.min_side:
+                return 422
+        return 400  # truncated or corrupt
+
+    def check_images(self, x: Union[np.ndarray, torch.Tensor]) -> Union[np.ndarray, torch.Tensor]:
+        """Return ``x`` if it is ``[N, 3, S, S]`` float32 pixels, all finite; else raise RequestError (422)."""
+        shape = tuple(x.shape)
+        dtype = str(x.dtype).replace("torch.", "")
+        if dtype != "float32":
+            raise RequestError(422, f"expected float32 pixels in [0, 1], got {dtype}")
+        if len(shape) != 4 or shape[1:] != self.image_shape:
+            S = self.cfg.input_size
+            raise RequestError(422, f"expected images of shape [N, 3, {S}, {S}], got {list(shape)}")
+        if shape[0] < 1:
+            raise RequestError(422, "expected at least one image, got an empty batch")
+        finite = torch.isfinite(x).all() if isinstance(x, torch.Tensor) else np.isfinite(x).all()
+        if not bool(finite):
+            raise RequestError(422, "the image tensor holds NaN or infinite values")
+        return x
+
+    def read_npy(self, data: bytes) -> np.ndarray:
+        """One image as a NumPy ``.npy`` file, ``[3, S, S]`` or ``[1, 3, S, S]`` float32 -> ``[3, S, S]``.
+
+        The header is checked before any array is allocated, so a file declaring a huge shape costs nothing.
+        """
+        if not data:
+            raise RequestError(400, "empty request: send a .npy array of shape [3, S, S]")
+        if len(data) > self.limits.max_bytes:
+            raise RequestError(413, f"a body of {len(data)} bytes exceeds the limit of {self.limits.max_bytes} bytes")
+        fp = io.BytesIO(data)
+        fmt = np.lib.format
+        try:
+            version = fmt.read_magic(fp)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(fp)
+        except (ValueError, OSError, SyntaxError, TypeError):
+            raise RequestError(400, "the body is not a valid .npy array") from None
+        S = self.cfg.input_size
+        if dtype != np.dtype("<f4"):
+            raise RequestError(422, f"expected float32 pixels in [0, 1], got {_clean(str(dtype), 40)}")
+        if tuple(shape) == (1,) + self.image_shape:
+            shape = shape[1:]
+        elif len(shape) == 4 and tuple(shape[1:]) == self.image_shape:
+            raise RequestError(422, f"one image per request: got a batch of {shape[0]}; send them as "
+                                    f"separate requests, the server batches them")
+        if tuple(shape) != self.image_shape:
+            raise RequestError(422, f"expected an image of shape [3, {S}, {S}], got {list(shape)}")
+        count = math.prod(shape)
+        raw = fp.read(count * 4 + 1)
+        if len(raw) != count * 4:
+            raise RequestError(400, f"the .npy array is truncated: its header declares {count} float32 values")
+        x = np.frombuffer(raw, dtype="<f4").reshape(shape, order="F" if fortran_order else "C")
+        return self.check_images(np.ascontiguousarray(x)[None])[0]
+
+
+# -------------------------------------------------------------------------------------------------
+# The model behind a server
+
+def default_batch_sizes(max_batch_size: int) -> Tuple[int, ...]:
+    """1, 2, 4, ... up to ``max_batch_size`` (always included): the batch sizes a server warms up and,
+    on a GPU, captures one CUDA graph for."""
+    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return tuple(sizes + [max_batch_size])
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """None or "auto": the first GPU when there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """None or "auto": float16 on a GPU (float32 on the wire all the same), float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _engine_kwargs(device: torch.device) -> dict:
+    """The fused engine's options, for the fastmvit.load() that has them (backend, cuda_graphs)."""
+    params = inspect.signature(_load_fn()).parameters
+    kwargs = {}
+    if "backend" in params:
+        kwargs["backend"] = "auto"
+    if "cuda_graphs" in params and device.type == "cuda":
+        kwargs["cuda_graphs"] = True
+    return kwargs
+
+
+def _load_fn():
+    from .. import load
+
+    return load
+
+
+class Classifier:
+    """A fastmvit model behind a server: float32 images in, float32 logits out, whatever runs inside.
+
+    ``forward`` takes ``[B, 3, S, S]`` float32 (any B) and returns ``[B, num_classes]`` float32 on the CPU.
+    With ``pad_batches`` (default on a GPU) a batch is padded up to the next of ``batch_sizes``, so every
+    forward runs at a size that was warmed up, i.e. one that has a captured CUDA graph once the engine
+    captures them; a batch larger than the largest size runs in chunks.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, batch_sizes: Sequence[int] = (1,), input_size: Optional[int] = None,
+                 limits: InputLimits = InputLimits(), pad_batches: Optional[bool] = None):
+        p = next(model.parameters())
+        self.model = model
+        self.device, self.dtype = p.device, p.dtype
+        cfg = model.pretrained_cfg.get("preprocess") or PreprocessConfig()
+        self.decoder = ImageDecoder(scaled_preprocess(cfg, input_size), limits)
+        labels = model.pretrained_cfg.get("labels")
+        self.labels: Optional[List[str]] = imagenet_classes() if labels == "imagenet-1k" else labels
+        self.num_classes = model.num_classes
+        self.batch_sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
+        if not self.batch_sizes or self.batch_sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+        self.pad_batches = self.device.type == "cuda" if pad_batches is None else pad_batches
+        self.warmed_up: Tuple[int, ...] = ()
+        self._lock = threading.Lock()  # one forward at a time: a CUDA graph replays into fixed buffers
+
+    @classmethod
+    def load(cls, model: str = "s", weights=None, *, pretrained: Union[bool, str] = True, device=None, dtype=None,
+             **kwargs) -> "Classifier":
+        """``fastmvit.load(model, weights)`` on ``device`` in ``dtype`` (auto: float16 on a GPU), with the
+        fused engine and CUDA graphs where this fastmvit has them. ``kwargs`` go to ``Classifier``."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        net = _load_fn()(model, weights, pretrained=pretrained,
+                         num_classes=None if weights is not None else 1000, device=dev, dtype=dt,
+                         **_engine_kwargs(dev))
+        return cls(net, **kwargs)
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return self.decoder.image_shape
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_sizes[-1]
+
+    def padded_size(self, n: int) -> int:
+        """The batch size a batch of ``n`` runs at."""
+        if not self.pad_batches:
+            return n
+        return next((b for b in self.batch_sizes if b >= n), n)
+
+    @torch.inference_mode()
+    def forward(self, images: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
+        x = torch.as_tensor(images)
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise InputError(f"expected images [B, {', '.join(map(str, self.image_shape))}], got {list(x.shape)}")
+        chunks = x.split(self.max_batch_size) if x.shape[0] > self.max_batch_size else [x]
+        return torch.cat([self._forward_chunk(c) for c in chunks])
+
+    def _forward_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        size = self.padded_size(n)
+        x = x.to(self.device, non_blocking=True)
+        if size > n:
+            x = torch.cat([x, x.new_zeros((size - n,) + tuple(x.shape[1:]))])
+        with self._lock:
+            logits = self.model(x.to(self.dtype))
+            return logits[:n].float().cpu()
+
+    def warmup(self) -> Tuple[int, ...]:
+        """Run one forward at every batch size, so the first requests find every kernel compiled, every
+        oneDNN/cuDNN plan chosen and (with the fused engine) every CUDA graph captured."""
+        for b in self.batch_sizes:
+            self.forward(torch.full((b,) + self.image_shape, 0.5))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warmed_up = self.batch_sizes
+        return self.warmed_up
+
+    def top_k(self, logits: torch.Tensor, k: int) -> List[List[dict]]:
+        """``[[{"label", "index", "score"}, ...]]``: softmax probabilities of the ``k`` best classes per row."""
+        return topk(logits, k, self.labels)

@@ -1,0 +1,199 @@
+"""``TritonPythonModel`` for fastmvit: runs inside Triton's Python-backend stub process, and only there
+(``triton_python_backend_utils`` exists nowhere else). ``fastmvit.serving.triton`` writes the repository
+that loads it; its module docstring gives the inputs and outputs.
+
+``initialize`` loads the model on the instance's device and warms up every batch size before Triton
+marks the model ready. ``execute`` validates every request on its own (a bad one gets its own
+INVALID_ARG error, HTTP 400), decodes encoded images on a thread pool, and runs every image of every good
+request in one forward.
+"""
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import to_dlpack
+
+from .common import Classifier, InputLimits, RequestError
+
+__all__ = ["TritonPythonModel"]
+
+
+def _check_numpy(params: dict) -> None:
+    """Triton's Python-backend stubs built against NumPy 1.x (nvidia-pytriton 0.7's, and the NGC
+    containers' of that time) mis-size NumPy 2 arrays: string outputs come back empty, string inputs crash
+    the stub, with no error the model could see. Refuse to serve such wrong answers unless the config says
+    the backend was built for NumPy 2."""
+    if int(np.__version__.split(".")[0]) >= 2 and params.get("fastmvit_stub_numpy2", "").lower() != "yes":
+        raise RuntimeError(
+            f"the Python backend runs with NumPy {np.__version__}, but backend stubs built against NumPy 1.x "
+            f"send empty string outputs (topk_labels) and crash on string inputs (image_bytes) with NumPy 2: "
+            f"install numpy<2 in the stub's Python environment (the python3 first on the server's PATH), or, "
+            f"if this backend was built for NumPy 2, add to config.pbtxt: parameters "
+            f'{{ key: "fastmvit_stub_numpy2" value: {{ string_value: "yes" }} }}')
+
+
+def _log(message: str, error: bool = False) -> None:
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        (logger.log_error if error else logger.log_info)(message)
+    else:
+        print(message, flush=True)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        _check_numpy(params)
+        self.name = args.get("model_name", config.get("name", "fastmvit"))
+        gpu = args.get("model_instance_kind") == "GPU"
+        device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
+        if params.get("fastmvit_cpu_threads"):
+            torch.set_num_threads(int(params["fastmvit_cpu_threads"]))
+
+        weights = params.get("fastmvit_weights") or None
+        if weights is not None and not os.path.isabs(weights):
+            weights = os.path.join(args["model_repository"], str(args["model_version"]), weights)
+        pretrained = params.get("fastmvit_pretrained", "true")
+        pretrained = {"true": True, "false": False}.get(pretrained, pretrained)
+        max_batch_size = int(config.get("max_batch_size", 0)) or 1
+        preferred = config.get("dynamic_batching", {}).get("preferred_batch_size", [])
+        limits = InputLimits(int(params.get("fastmvit_max_image_bytes", InputLimits.max_bytes)),
+                             int(params.get("fastmvit_max_pixels", InputLimits.max_pixels)),
+                             int(params.get("fastmvit_min_side", InputLimits.min_side)))
+        input_size = int(params["fastmvit_input_size"]) if params.get("fastmvit_input_size") else None
+        self.classifier = Classifier.load(
+            params.get("fastmvit_model", "s"), weights, pretrained=pretrained, device=device,
+            dtype=params.get("fastmvit_dtype", "auto"), input_size=input_size, limits=limits,
+            batch_sizes=sorted({1, max_batch_size, *map(int, preferred)}))
+        self.top_k = int(params.get("fastmvit_top_k", 5))
+        self._check_config(config)
+        names = self.classifier.labels or [str(i) for i in range(self.classifier.num_classes)]
+        self.label_bytes = np.array([n.encode("utf-8") for n in names], dtype=np.object_)
+        # PIL decodes with the GIL released, so threads decode a batch's images side by side
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
+                                       thread_name_prefix="fastmvit-decode")
+        sizes = self.classifier.warmup()
+        self._init_metrics()
+        _log(f"fastmvit: {self.name} ready on {device} ({self.classifier.dtype}), input "
+             f"{list(self.classifier.image_shape)}, warmed up at batch sizes {list(sizes)}")
+
+    def _check_config(self, config: dict) -> None:
+        dims = {i["name"]: [int(d) for d in i["dims"]] for i in config.get("input", [])}
+        if dims.get("image") != list(self.classifier.image_shape):
+            raise ValueError(f"config.pbtxt declares image dims {dims.get('image')} but the model takes "
+                             f"{list(self.classifier.image_shape)}: rewrite the repository with "
+                             f"python -m fastmvit.serving.triton")
+        outs = {o["name"]: [int(d) for d in o["dims"]] for o in config.get("output", [])}
+        if outs.get("logits") != [self.classifier.num_classes] or outs.get("topk_indices") != [self.top_k]:
+            raise ValueError(f"config.pbtxt outputs {outs} do not match the model ({self.classifier.num_classes} "
+                             f"classes, top-{self.top_k})")
+
+    def _init_metrics(self) -> None:
+        """Custom metrics beside Triton's own, on its metrics port: images per forward and refused requests.
+        Optional: a server started with metrics off still serves."""
+        self._families, self._batch_metric, self._rejected_metric = [], None, None
+        try:
+            family = pb_utils.MetricFamily
+            labels = {"model": self.name}
+            if hasattr(family, "HISTOGRAM"):
+                hist = family(name="fastmvit_forward_batch_size",
+                              description="images in each forward of the model (before padding)",
+                              kind=family.HISTOGRAM)
+                self._batch_metric = hist.Metric(labels=labels, buckets=[float(b) for b in self.classifier.batch_sizes])
+                self._families.append(hist)
+            rejected = family(name="fastmvit_rejected_requests_total",
+                              description="requests refused by fastmvit's validation", kind=family.COUNTER)
+            self._rejected_metric = rejected.Metric(labels=labels)
+            self._families.append(rejected)  # a family must outlive its metrics
+        except Exception as e:  # noqa: BLE001 - metrics are optional
+            _log(f"fastmvit: custom metrics disabled ({e})")
+
+    # ---------------------------------------------------------------------------------------------
+    def _read(self, request):
+        """The request's images: a checked ``[N, 3, S, S]`` tensor, or a list of decode futures."""
+        image = pb_utils.get_input_tensor_by_name(request, "image")
+        encoded = pb_utils.get_input_tensor_by_name(request, "image_bytes")
+        if (image is None) == (encoded is None):
+            raise RequestError(400, "send exactly one of the inputs 'image' (FP32 [N, 3, S, S]) and "
+                                    "'image_bytes' (BYTES [N, 1])")
+        if image is not None:
+            return self.classifier.decoder.check_images(torch.from_dlpack(image.to_dlpack()))
+        if not encoded.is_cpu():
+            raise RequestError(400, "'image_bytes' must be sent in CPU memory")
+        items = encoded.as_numpy().reshape(-1)
+        return [self.pool.submit(self.classifier.decoder.decode, item) for item in items]
+
+    @staticmethod
+    def _gather(futures) -> torch.Tensor:
+        images = []
+        for i, f in enumerate(futures):
+            try:
+                images.append(torch.from_numpy(f.result()))
+            except RequestError as e:
+                raise RequestError(e.status, e.message if len(futures) == 1 else f"image {i}: {e.message}")
+        return torch.stack(images)
+
+    def execute(self, requests) -> List:
+        responses: List[Optional[object]] = [None] * len(requests)
+        pending = []
+        for i, request in enumerate(requests):
+            try:
+                pending.append((i, self._read(request)))
+            except RequestError as e:
+                responses[i] = self._refuse(e)
+        good, batch = [], []
+        for i, item in pending:
+            try:
+                images = item if isinstance(item, torch.Tensor) else self._gather(item)
+            except RequestError as e:
+                responses[i] = self._refuse(e)
+                continue
+            good.append((i, images.shape[0]))
+            batch.append(images)
+        if batch:
+            try:
+                device = self.classifier.device  # inputs may already be there (FORCE_CPU_ONLY_INPUT_TENSORS=no)
+                responses = self._answer(responses, good, torch.cat([b.to(device) for b in batch]))
+            except Exception:  # noqa: BLE001 - answer each request rather than fail the whole batch opaquely
+                _log(f"fastmvit: forward failed\n{traceback.format_exc()}", error=True)
+                for i, _ in good:
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                        "fastmvit: the forward pass failed; see the server log", pb_utils.TritonError.INTERNAL))
+        return responses
+
+    def _answer(self, responses, good, images: torch.Tensor):
+        logits = self.classifier.forward(images)
+        if self._batch_metric is not None:
+            self._batch_metric.observe(float(images.shape[0]))
+        scores, indices = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
+        labels = self.label_bytes[indices.numpy()]
+        start = 0
+        for i, n in good:
+            rows = slice(start, start + n)
+            start += n
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor.from_dlpack("logits", to_dlpack(logits[rows].contiguous())),
+                pb_utils.Tensor.from_dlpack("topk_indices", to_dlpack(indices[rows].contiguous())),
+                pb_utils.Tensor.from_dlpack("topk_scores", to_dlpack(scores[rows].contiguous())),
+                pb_utils.Tensor("topk_labels", labels[rows]),
+            ])
+        return responses
+
+    def _refuse(self, error: RequestError):
+        if self._rejected_metric is not None:
+            self._rejected_metric.increment(1.0)
+        return pb_utils.InferenceResponse(
+            output_tensors=[], error=pb_utils.TritonError(error.message, pb_utils.TritonError.INVALID_ARG))
+
+    def finalize(self) -> None:
+        self.pool.shutdown(wait=False)
+        self._batch_metric = self._rejected_metric = None
+        self._families = []

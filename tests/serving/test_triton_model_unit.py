@@ -1,0 +1,143 @@
+"""TritonPythonModel without a server, through a stand-in for ``triton_python_backend_utils``: what the real
+server cannot show on a CPU machine (a KIND_GPU instance loads on its GPU in float16) and what it shows
+only indirectly (one forward per execute, whatever the mix of good and bad requests)."""
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from fastmvit.serving import common
+from fastmvit.serving.triton import write_model_repository
+
+from .helpers import INPUT_SIZE, MODEL, bad_images, preprocessed, reference_logits
+
+text_format = pytest.importorskip("google.protobuf.text_format")
+json_format = pytest.importorskip("google.protobuf.json_format")
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+
+
+class FakeTensor:
+    def __init__(self, name, array):
+        self._name, self._array = name, array
+
+    @classmethod
+    def from_dlpack(cls, name, capsule):
+        return cls(name, torch.from_dlpack(capsule).numpy())
+
+    def as_numpy(self):
+        return self._array
+
+    def to_dlpack(self):
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self._array))
+
+    def is_cpu(self):
+        return True
+
+    def name(self):
+        return self._name
+
+
+class FakeError:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message, code):
+        self.message, self.code = message, code
+
+
+class FakeResponse:
+    def __init__(self, output_tensors, error=None):
+        self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
+        self.error = error
+
+
+def fake_pb_utils():
+    m = types.ModuleType("triton_python_backend_utils")
+    m.Tensor, m.TritonError, m.InferenceResponse = FakeTensor, FakeError, FakeResponse
+    m.get_input_tensor_by_name = lambda request, name: request.get(name)
+    return m  # no MetricFamily: metrics are optional
+
+
+@pytest.fixture
+def triton_model(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
+    monkeypatch.delitem(sys.modules, "fastmvit.serving.triton_model", raising=False)
+    import fastmvit.serving.triton_model as tm
+
+    monkeypatch.setattr(tm.np, "__version__", "1.26.4")  # stand for the stub's numpy<2 environment
+    return tm
+
+
+def triton_args(model_dir, kind="CPU", device_id=0):
+    """What Triton hands initialize(): the config as JSON with proto field names."""
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
+            "model_instance_kind": kind, "model_instance_device_id": str(device_id),
+            "model_repository": str(model_dir), "model_version": "1", "model_name": config.name}
+
+
+def test_gpu_instance_loads_on_its_gpu_in_float16(triton_model, tmp_path, checkpoint, monkeypatch):
+    model_dir = write_model_repository(tmp_path, MODEL, checkpoint, kind="gpu", max_batch_size=4, input_size=64,
+                                       copy_weights=True)
+    seen = {}
+    real_load = common.Classifier.load.__func__
+
+    def load(cls, model, weights=None, **kw):
+        seen.update(kw, model=model, weights=weights)
+        kw.update(device="cpu", dtype="float32")  # no GPU here: load on the CPU, after recording the request
+        return real_load(cls, model, weights, **kw)
+
+    monkeypatch.setattr(common.Classifier, "load", classmethod(load))
+    m = triton_model.TritonPythonModel()
+    m.initialize(triton_args(model_dir, "GPU", 1))
+    assert seen["device"] == "cuda:1" and seen["dtype"] == "float16"
+    assert seen["batch_sizes"] == [1, 2, 4]  # every preferred size, and 1, warmed up
+    assert seen["weights"] == str(model_dir / "1" / "weights" / "xxs.safetensors")
+    assert m.classifier.warmed_up == (1, 2, 4)
+
+
+def test_numpy_2_refused_unless_the_config_allows_it(triton_model, tmp_path, checkpoint, monkeypatch):
+    model_dir = write_model_repository(tmp_path, MODEL, checkpoint, kind="cpu", max_batch_size=1, input_size=64)
+    monkeypatch.setattr(triton_model.np, "__version__", "2.1.0")
+    with pytest.raises(RuntimeError, match="numpy<2"):
+        triton_model.TritonPythonModel().initialize(triton_args(model_dir))
+    config = model_dir / "config.pbtxt"
+    config.write_text(config.read_text().replace(
+        "parameters [", 'parameters [\n  { key: "fastmvit_stub_numpy2" value: { string_value: "yes" } },'))
+    triton_model.TritonPythonModel().initialize(triton_args(model_dir))
+
+
+def test_execute_runs_good_requests_in_one_forward_and_refuses_bad_ones(triton_model, tmp_path, checkpoint,
+                                                                         images):
+    model_dir = write_model_repository(tmp_path, MODEL, checkpoint, kind="cpu", max_batch_size=8,
+                                       input_size=INPUT_SIZE, top_k=3)
+    m = triton_model.TritonPythonModel()
+    m.initialize(triton_args(model_dir))
+    forwards = []
+    inner = m.classifier.forward
+    m.classifier.forward = lambda x: forwards.append(x.shape[0]) or inner(x)
+    data = list(images.values())
+    pixels = preprocessed(checkpoint, data[:2]).numpy()
+    bad = bad_images(10**6)
+    requests = [
+        {"image_bytes": FakeTensor("image_bytes", np.array([[data[2]], [data[3]]], np.object_))},
+        {"image_bytes": FakeTensor("image_bytes", np.array([[bad["truncated_jpeg"][0]]], np.object_))},
+        {"image": FakeTensor("image", pixels)},
+        {"image_bytes": FakeTensor("image_bytes", np.array([[data[4]], [bad["one_pixel"][0]]], np.object_))},
+        {},
+        {"image": FakeTensor("image", np.full_like(pixels[:1], np.nan))},
+    ]
+    responses = m.execute(requests)
+    assert len(responses) == len(requests) and forwards == [4]  # 2 + 2 images, one forward
+    ref = reference_logits(checkpoint, [data[2], data[3], data[0], data[1]])
+    for resp, rows in [(responses[0], ref[:2]), (responses[2], ref[2:])]:
+        assert resp.error is None
+        torch.testing.assert_close(torch.from_numpy(resp.outputs["logits"]), rows, rtol=1e-4,
+                                   atol=2e-3 * float(rows.std()))
+        assert (resp.outputs["topk_indices"][:, 0] == rows.argmax(-1).numpy()).all()
+        assert resp.outputs["topk_labels"].shape == (2, 3) and resp.outputs["topk_labels"].dtype == np.object_
+    for i, mentions in [(1, "truncated"), (3, "image 1: image of 1x1"), (4, "exactly one"), (5, "NaN")]:
+        assert responses[i].error.code == "INVALID_ARG" and mentions in responses[i].error.message
+        assert not responses[i].outputs
