@@ -75,7 +75,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60"],
-        "serve": ["litserve>=0.2.10", "tritonclient[http,grpc]>=2.40"],
+        "serve": ["litserve>=0.2.10", "tritonclient[http,grpc]>=2.40", "prometheus-client>=0.17"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
