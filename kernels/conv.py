@@ -29,6 +29,28 @@ FLAT_K_MAX_CIN = 7  # 9 * 7 = 63 taps x channels fit one BLOCK_K = 64 gathered t
 
 
 @triton.jit
+def _implicit_gemm_pass(acc, x_b, sh, sw, C, c_off, CT, w_ptr, n, n_ok, COUT, ih0, iw0, m_ok, H, W, rk,
+                        BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """acc += sum over taps and this input's C channels of x[pixel under tap, c] * w[tap * CT + c_off + c, n].
+    x_b: [BLOCK_M] pointers to each pixel's image; ih0/iw0: the top-left tap's coordinates."""
+    nk = tl.cdiv(C, BLOCK_K)
+    for i in range(0, 9 * nk):
+        tap = i // nk
+        k0 = (i - tap * nk) * BLOCK_K
+        ih = ih0 + tap // 3
+        iw = iw0 + tap % 3
+        ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        kk = k0 + rk
+        k_ok = kk < C
+        a_row = x_b + (ih.to(tl.int64) * sh + iw.to(tl.int64) * sw)
+        a = tl.load(a_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+        w_row = tap * CT + c_off + kk
+        wt = tl.load(w_ptr + w_row[:, None] * COUT + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, wt, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _conv3x3_kernel(
     x_ptr, x2_ptr, w_ptr, b_ptr, y_ptr,
     H, W, C1, C2, COUT, OH, OW, M,
@@ -77,27 +99,14 @@ def _conv3x3_kernel(
         wt = tl.load(w_ptr + rk[:, None] * COUT + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, wt, acc, input_precision=PREC)
     else:
+        # The K loop runs over (tap, channel chunk) flattened: one software-pipelined loop per input
+        # rather than nine short ones (C = 48 is three chunks of 16), and a fraction of the compile time.
         CT = C1 + C2
-        for tap in tl.static_range(9):
-            ih = ih0 + tap // 3
-            iw = iw0 + tap % 3
-            ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_row = x_ptr + (b * sxb + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)
-            w_tap = w_ptr + tap * CT * COUT
-            for k0 in range(0, C1, BLOCK_K):
-                kk = k0 + rk
-                a = tl.load(a_row[:, None] + kk[None, :], mask=ok[:, None] & (kk < C1)[None, :], other=0.0)
-                wt = tl.load(w_tap + kk[:, None] * COUT + n[None, :], mask=(kk < C1)[:, None] & n_ok[None, :],
-                             other=0.0)
-                acc = tl.dot(a, wt, acc, input_precision=PREC)
-            if HAS_X2:  # channels [C1, C1 + C2) of the virtual concatenation
-                a2_row = x2_ptr + (b * s2b + ih.to(tl.int64) * s2h + iw.to(tl.int64) * s2w)
-                for k0 in range(0, C2, BLOCK_K):
-                    kk = k0 + rk
-                    a = tl.load(a2_row[:, None] + kk[None, :], mask=ok[:, None] & (kk < C2)[None, :], other=0.0)
-                    wt = tl.load(w_tap + (C1 + kk)[:, None] * COUT + n[None, :],
-                                 mask=(kk < C2)[:, None] & n_ok[None, :], other=0.0)
-                    acc = tl.dot(a, wt, acc, input_precision=PREC)
+        acc = _implicit_gemm_pass(acc, x_ptr + b * sxb, sxh, sxw, C1, 0, CT, w_ptr, n, n_ok, COUT, ih0, iw0, m_ok,
+                                  H, W, rk, BLOCK_K, PREC)
+        if HAS_X2:  # channels [C1, C1 + C2) of the virtual concatenation
+            acc = _implicit_gemm_pass(acc, x2_ptr + b * s2b, s2h, s2w, C2, C1, CT, w_ptr, n, n_ok, COUT, ih0, iw0,
+                                      m_ok, H, W, rk, BLOCK_K, PREC)
     acc += tl.load(b_ptr + n, mask=n_ok, other=0.0)[None, :]
     if ACT:
         acc = silu(acc)
@@ -110,11 +119,11 @@ def _conv3x3_kernel(
 # --------------------------------------------------------------------------------------------------
 
 def _block_n(cout: int) -> int:
-    """Largest of 128/64/32/16 that pads Cout by at most 25 %, else the least padding
-    (Cout 48 -> 64, 80 -> 32, 96 -> 128, 160 -> 64)."""
+    """Largest of 128/64/32/16 that pads Cout by at most a third (one N block re-reads A the fewest
+    times), else the least padding: Cout 48 -> 64, 80 -> 32, 96 -> 128, 160 -> 64."""
     cands = [c for c in (128, 64, 32, 16) if c <= max(16, triton.next_power_of_2(cout))]
     for c in cands:
-        if triton.cdiv(cout, c) * c <= 1.25 * cout:
+        if 3 * triton.cdiv(cout, c) * c <= 4 * cout:
             return c
     return min(cands, key=lambda c: (triton.cdiv(cout, c) * c, -c))
 
@@ -127,7 +136,7 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
     its exact ("ieee") dot runs on FMA units and holds both operands in registers."""
     if interpreting() if interpret is None else interpret:
         bk = max(16, triton.next_power_of_2(9 * c1)) if flat else max(16, min(128, triton.next_power_of_2(max(c1, c2))))
-        return 128, max(16, min(256, triton.next_power_of_2(cout))), bk, 4, 1
+        return min(128, max(16, triton.next_power_of_2(M))), max(16, min(256, triton.next_power_of_2(cout))), bk, 4, 1
     fp32 = dtype == torch.float32
     if flat:
         bn = max(16, min(64 if fp32 else 128, triton.next_power_of_2(cout)))

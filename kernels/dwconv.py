@@ -59,10 +59,34 @@ def compile_sm90(cfg: CompileConfig, capability: int = 90):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if not isinstance(cfg.fn, triton.runtime.JITFunction):
+        raise RuntimeError(f"{cfg.name}: kernels are interpreted (TRITON_INTERPRET=1); compile checks need "
+                           f"a process where the interpreter is off")
     attrs = cfg.attrs() if isinstance(cfg, ConvCompileConfig) else None
     src = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def resource_usage(cfg: CompileConfig, capability: int = 90) -> Dict[str, object]:
+    """Compile ``cfg`` and read what the GPU would spend on it: registers, stack bytes (spills), shared
+    memory, wgmma instructions and 16-byte global accesses (from the PTX), via Triton's bundled cuobjdump."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    compiled = compile_sm90(cfg, capability)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    ptx = compiled.asm["ptx"]
+    return {"name": cfg.name, "registers": int(re.search(r"REG:(\d+)", text).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", text).group(1)), "shared": compiled.metadata.shared,
+            "num_warps": cfg.num_warps, "wgmma": ptx.count("wgmma.mma_async"), "v4": ptx.count("global.v4")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,12 +145,13 @@ def out_size(n: int, stride: int) -> int:
     return (n - 1) // stride + 1
 
 
-def dwconv_config(C: int, interpret: bool | None = None) -> Tuple[int, int, int]:
+def dwconv_config(C: int, M: int = 1 << 30, interpret: bool | None = None) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps): up to 64 channels (128 bytes of fp16) per row so a warp's loads
     are whole cache lines, and ~2048 elements per program (16 per thread) so narrow maps (C = 16) still
-    give each thread a full vector. The interpreter gets one large tile (its cost is per program)."""
+    give each thread a full vector. The interpreter gets one large tile (its cost is per program), no
+    larger than the M output pixels need."""
     if interpreting() if interpret is None else interpret:
-        return 128, min(triton.next_power_of_2(C), 256), 4
+        return min(128, max(16, triton.next_power_of_2(M))), min(triton.next_power_of_2(C), 256), 4
     block_c = min(triton.next_power_of_2(C), 64)
     return max(16, 2048 // block_c), block_c, 4
 
@@ -137,7 +162,7 @@ def dwconv3x3_launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, y: to
     B, H, W, C = x.shape
     OH, OW = y.shape[1], y.shape[2]
     M = B * OH * OW
-    block_p, block_c, warps = dwconv_config(C)
+    block_p, block_c, warps = dwconv_config(C, M)
     sxb, sxh, sxw = x.stride(0), x.stride(1), x.stride(2)
     vec = vec_width(x.dtype, C, sxb, sxh, sxw)
     kernel = launcher(_dwconv3x3_kernel) if launcher else _dwconv3x3_kernel

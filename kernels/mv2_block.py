@@ -89,8 +89,8 @@ def _inverted_residual_kernel(
 # launch configuration
 # --------------------------------------------------------------------------------------------------
 
-def fused_config(cin: int, hidden: int, cout: int, dtype: torch.dtype, interpret: bool | None = None
-                 ) -> Tuple[int, int, int, int, int, int]:
+def fused_config(cin: int, hidden: int, cout: int, dtype: torch.dtype, M: int = 1 << 30,
+                 interpret: bool | None = None) -> Tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_CI, BLOCK_H, BLOCK_CO, num_warps, num_stages). BLOCK_M = 64 output pixels (one
     wgmma M per warpgroup); BLOCK_H = 32 hidden channels per chunk keeps the per-tap expansion tile
     and the depthwise accumulator at 16 registers each; wide outputs take 8 warps so the
@@ -99,7 +99,7 @@ def fused_config(cin: int, hidden: int, cout: int, dtype: torch.dtype, interpret
     bci = max(16, triton.next_power_of_2(cin))
     bco = max(16, triton.next_power_of_2(cout))
     if interpreting() if interpret is None else interpret:
-        return 128, bci, max(16, min(128, triton.next_power_of_2(hidden))), bco, 4, 1
+        return min(128, max(16, triton.next_power_of_2(M))), bci, max(16, min(128, triton.next_power_of_2(hidden))), bco, 4, 1
     if dtype == torch.float32:
         return 32, bci, 16, bco, (8 if bco >= 128 else 4), 1
     return 64, bci, 32, bco, (8 if bco >= 256 else 4), 1
@@ -112,7 +112,7 @@ def inverted_residual_launch(x: torch.Tensor, w1, b1, wdw, bdw, w3, b3, y: torch
     hidden, cout = w1.shape[1], w3.shape[1]
     OH, OW = y.shape[1], y.shape[2]
     M = B * OH * OW
-    bm, bci, bh, bco, warps, stages = fused_config(cin, hidden, cout, x.dtype)
+    bm, bci, bh, bco, warps, stages = fused_config(cin, hidden, cout, x.dtype, M)
     sxb, sxh, sxw = x.stride(0), x.stride(1), x.stride(2)
     vec = vec_width(x.dtype, cin, hidden, cout, sxb, sxh, sxw)
     kernel = launcher(_inverted_residual_kernel) if launcher else _inverted_residual_kernel
@@ -145,14 +145,12 @@ def inverted_residual_shapes(size: int = 256) -> List[Tuple[int, int, int, int, 
 
 
 def compile_configs() -> List[CompileConfig]:
-    """Every block the fusion rule (``fastmvit.ops.mv2_block.should_fuse``) sends to this kernel, in
-    every dtype (float32 runs whichever path the rule picks for 16-bit, so it is compiled for the same
-    blocks)."""
-    from fastmvit.ops.mv2_block import should_fuse
-
+    """Every released block within the kernel's limits, in every dtype: the fusion rule
+    (``fastmvit.ops.mv2_block.should_fuse``) picks among them per batch size (at batch 1 it fuses
+    nearly all of them), so each may be launched."""
     configs, seen = [], set()
     for cin, hidden, cout, stride, h, w in inverted_residual_shapes():
-        if not should_fuse(cin, hidden, cout, stride):
+        if cin > MAX_CIN or cout > MAX_COUT:
             continue
         residual = stride == 1 and cin == cout
         for dtype, name in TRITON_DTYPE.items():
