@@ -135,12 +135,13 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
     64/32/16 dividing the input widths so the K loop has no ragged tail; float32 uses smaller tiles since
     its exact ("ieee") dot runs on FMA units and holds both operands in registers."""
     if interpreting() if interpret is None else interpret:
-        bk = max(16, triton.next_power_of_2(9 * c1)) if flat else max(16, min(128, triton.next_power_of_2(max(c1, c2))))
-        return min(128, max(16, triton.next_power_of_2(M))), max(16, min(256, triton.next_power_of_2(cout))), bk, 4, 1
+        bk = triton.next_power_of_2(9 * c1) if flat else min(128, triton.next_power_of_2(max(c1, c2)))
+        bm = min(128, max(16, triton.next_power_of_2(M)))
+        return bm, max(16, min(256, triton.next_power_of_2(cout))), max(16, bk), 4, 1
     fp32 = dtype == torch.float32
-    if flat:
+    if flat:  # a gather-bound tile: 64 pixels keep it at ~96 registers, so more programs hide latency
         bn = max(16, min(64 if fp32 else 128, triton.next_power_of_2(cout)))
-        return (64 if fp32 else 128), bn, max(16, triton.next_power_of_2(9 * c1)), 4, 1
+        return 64, bn, max(16, triton.next_power_of_2(9 * c1)), 4, 1
     widths = [c1] + ([c2] if c2 else [])
     bk = next((k for k in ((32, 16) if fp32 else (64, 32, 16)) if all(w % k == 0 for w in widths)), 16)
     bn = min(_block_n(cout), 64) if fp32 else _block_n(cout)
@@ -214,7 +215,8 @@ def compile_configs() -> List[CompileConfig]:
                 sig.update({a: "i32" for a in ("H", "W", "C1", "C2", "COUT", "OH", "OW", "M", "sxb", "sxh", "sxw",
                                                "sxc", "s2b", "s2h", "s2w")})
                 sig.update({k: "constexpr" for k in const})
-                aligned = ["x_ptr", "x2_ptr", "w_ptr", "b_ptr", "y_ptr"] + [a for a, v in (("C1", c1), ("C2", c2), ("COUT", cout)) if v % 16 == 0]
+                aligned = ["x_ptr", "x2_ptr", "w_ptr", "b_ptr", "y_ptr"]
+                aligned += [a for a, v in (("C1", c1), ("C2", c2), ("COUT", cout)) if v % 16 == 0]
                 if not flat:  # NHWC strides are multiples of C
                     aligned += ["sxb", "sxh", "sxw"] + (["s2b", "s2h", "s2w"] if c2 else [])
                 configs.append(ConvCompileConfig(

@@ -47,7 +47,8 @@ template <typename T>
 int vector(const void* x, const float* w, const float* b, void* y, int B, int H, int W, int C, int stride, int dil,
            int act, int vec) {
     if (vec == 1) return geometry<T, 1>(x, w, b, y, B, H, W, C, stride, dil, act);
-    if (vec * sizeof(T) == 16 && C % vec == 0) return geometry<T, 16 / sizeof(T)>(x, w, b, y, B, H, W, C, stride, dil, act);
+    if (vec * sizeof(T) == 16 && C % vec == 0)
+        return geometry<T, 16 / sizeof(T)>(x, w, b, y, B, H, W, C, stride, dil, act);
     return 1;
 }
 
