@@ -142,15 +142,20 @@ def should_fuse(cin: int, hidden: int, cout: int, stride: int, *, height: Option
     2. Then ``fusion_estimate`` decides: fuse when it predicts the fused kernel at most 0.9x the
        unfused time, at the given map and batch (default 128 x 128, batch 256: the throughput case).
 
-    What the estimate says, and why it is not "fuse the early blocks": the recomputed expansion is
-    cheap on tensor cores, but each recomputation also re-evaluates a SiLU on the MUFU pipe (16
-    ops/clk/SM against 1024 FLOP/clk/SM of fp16 tensor cores), so the fused kernel costs ~20 * hidden
-    MUFU ops per output pixel. At stride 1 that is 10x the unfused path's SiLUs and more time than the
-    2-2.5x memory traffic the fusion saves, so stride-1 blocks at large batch stay unfused; at stride
-    2 the recompute falls to 2.25x per input pixel while the saved traffic is largest (the hidden map
-    at full resolution), so every stride-2 block within the limits fuses. At batch 1-8 the three
-    kernels of the unfused path are launch/latency bound and one kernel wins everywhere within the
-    limits. A GPU measurement should re-fit the constants above (see the report in the k-conv branch).
+    What the estimate decides for the released blocks at 256 x 256 input (and why it is not simply
+    "fuse the early blocks"): the recomputed expansion is cheap on tensor cores while Cin is small,
+    but each recomputation also re-evaluates a SiLU on the MUFU pipe (16 ops/clk/SM against 1024
+    FLOP/clk/SM of fp16 tensor cores): ~20 * hidden MUFU ops per output pixel, 10x the unfused path's.
+    * batch >= 64: every stride-2 block with Cin <= 64 fuses (predicted 0.56-0.79x the unfused time:
+      the recompute falls to 2.25x per input pixel and the saved traffic, the full-resolution hidden
+      map, is largest); Cin 80 is marginal (80->320->96 fuses at 0.88x, 80->160->160 not at 0.91x);
+      stride-2 blocks with Cin >= 96 do not (the 9 * Cin * hidden recompute dominates); no stride-1
+      block does (1.3-3.1x: the SiLUs cost more than the 2-2.5x traffic saved).
+    * batch 1: almost every block within the limits fuses: three small kernels are launch/latency
+      bound and one kernel saves two launches (the widest stride-1 blocks still do not).
+    A GPU measurement should re-fit the constants above: time both paths per block with
+    ``inverted_residual(x, p, fused=True/False)`` and adjust MUFU_RATE / TC_RATE_FUSED until the rule
+    agrees with the clock.
     """
     if cin > _k.MAX_CIN or cout > _k.MAX_COUT:
         return False
