@@ -132,8 +132,9 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
                    interpret: Optional[bool] = None) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), a fixed rule (no autotuning: nothing could be
     measured, and CUDA-graph capture must not meet a first-call benchmark). BLOCK_K is the largest of
-    64/32/16 dividing the input widths so the K loop has no ragged tail; float32 uses smaller tiles since
-    its exact ("ieee") dot runs on FMA units and holds both operands in registers."""
+    64/32/16 dividing the input widths so the K loop has no ragged tail; float32 uses smaller tiles
+    (BLOCK_K 16, BLOCK_N <= 64) since its exact ("ieee") dot runs on FMA units and holds both operands
+    in registers (BLOCK_K 32 spilled on sm_80)."""
     if interpreting() if interpret is None else interpret:
         bk = triton.next_power_of_2(9 * c1) if flat else min(128, triton.next_power_of_2(max(c1, c2)))
         bm = min(128, max(16, triton.next_power_of_2(M)))
@@ -143,7 +144,7 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
         bn = max(16, min(64 if fp32 else 128, triton.next_power_of_2(cout)))
         return 64, bn, max(16, triton.next_power_of_2(9 * c1)), 4, 1
     widths = [c1] + ([c2] if c2 else [])
-    bk = next((k for k in ((32, 16) if fp32 else (64, 32, 16)) if all(w % k == 0 for w in widths)), 16)
+    bk = 16 if fp32 else next((k for k in (64, 32, 16) if all(w % k == 0 for w in widths)), 16)
     bn = min(_block_n(cout), 64) if fp32 else _block_n(cout)
     bm = 64 if fp32 or M < 8192 else 128
     return bm, bn, bk, (8 if bm * bn >= 128 * 128 else 4), (2 if fp32 else 3)

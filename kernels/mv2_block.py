@@ -95,14 +95,15 @@ def fused_config(cin: int, hidden: int, cout: int, dtype: torch.dtype, M: int = 
     wgmma M per warpgroup); BLOCK_H = 32 hidden channels per chunk keeps the per-tap expansion tile
     and the depthwise accumulator at 16 registers each; Cout > 64 takes 8 warps so the [64, Cout]
     accumulator stays at or under 64 registers a thread (with 4 warps those blocks need ~235).
-    float32 (exact FMA dots) halves the tiles and stays at 4 warps (8 spilled at Cout 96)."""
+    float32 (exact FMA dots, operands in registers) takes 32 pixels, or 16 with 8 warps once
+    Cout > 64 (8 warps cap the compiler at 128 registers; 32 pixels spilled at Cout 96)."""
     bci = max(16, triton.next_power_of_2(cin))
     bco = max(16, triton.next_power_of_2(cout))
     if interpreting() if interpret is None else interpret:
         bh = max(16, min(128, triton.next_power_of_2(hidden)))
         return min(128, max(16, triton.next_power_of_2(M))), bci, bh, bco, 4, 1
     if dtype == torch.float32:
-        return 32, bci, 16, bco, 4, 1
+        return (16, bci, 16, bco, 8, 1) if bco >= 128 else (32, bci, 16, bco, 4, 1)
     return 64, bci, 32, bco, (8 if bco >= 128 else 4), 1
 
 
