@@ -1,0 +1,120 @@
+"""``fastmvit::conv3x3``: dense 3x3 convolution (padding 1) + folded-BN bias + optional SiLU, NHWC out.
+
+Public API (the engine's contract)::
+
+    w, b = pack_conv3x3(weight, bias, dtype)  # weight [Cout, Cin, 3, 3], bias [Cout], BN folded, float32
+                                              # -> w [9 * Cin, Cout] in dtype (row = tap * Cin + channel),
+                                              #    b [Cout] float32
+    y = conv3x3(x, w, b, stride=1, act=True)                      # x [B, H, W, Cin] NHWC
+    y = conv3x3(images, w, b, stride=2, act=True, input_nchw=True)  # stem: x [B, 3, H, W] NCHW, in place
+    y = conv3x3(x, w, b, stride=1, act=True, x2=x2)               # v1 fusion conv on cat([x, x2], channels)
+    #   x2 [B, H, W, C2]; w packed from the [Cout, C1 + C2, 3, 3] weight, x's channels first
+    #   y [B, OH, OW, Cout] contiguous, x.dtype; OH = (H - 1) // stride + 1
+    y_ref = conv3x3_reference(x, w, b, stride=..., act=..., x2=None, input_nchw=False)
+
+x, x2 and w share one dtype (float32, float16, bfloat16); float32 runs exact (non-TF32) dots.
+Inference only: asking for a gradient through the op raises.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op, wrap_triton
+
+from fastmvit.kernels import conv as _k
+from fastmvit.kernels.dwconv import out_size
+
+from .dwconv import check_nhwc, inference_only
+
+__all__ = ["pack_conv3x3", "conv3x3", "conv3x3_reference"]
+
+
+def pack_conv3x3(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Folded float32 ``weight [Cout, Cin, 3, 3]`` and ``bias [Cout]`` -> ``(w [9 * Cin, Cout] dtype,
+    b [Cout] float32)``: K-major rows (tap-major, then input channel) with Cout contiguous, the B operand
+    of the implicit GEMM. For the fusion conv pass the whole ``[Cout, 2C, 3, 3]`` weight."""
+    if weight.dim() != 4 or weight.shape[2:] != (3, 3):
+        raise ValueError(f"pack_conv3x3: expected a weight [Cout, Cin, 3, 3], got {list(weight.shape)}")
+    cout, cin = weight.shape[:2]
+    if bias.shape != (cout,):
+        raise ValueError(f"pack_conv3x3: bias must be [{cout}], got {list(bias.shape)}")
+    w = weight.detach().permute(2, 3, 1, 0).reshape(9 * cin, cout).to(dtype).contiguous()
+    return w, bias.detach().float().contiguous()
+
+
+def _logical(x: torch.Tensor, input_nchw: bool) -> Tuple[int, int, int, int, Tuple[int, int, int, int]]:
+    """(B, H, W, C, strides in (b, h, w, c) order) of x in either layout."""
+    if input_nchw:
+        B, C, H, W = x.shape
+        s = x.stride()
+        return B, H, W, C, (s[0], s[2], s[3], s[1])
+    B, H, W, C = x.shape
+    return B, H, W, C, tuple(x.stride())
+
+
+def _check(x, w, bias, stride, x2, input_nchw):
+    check_nhwc("conv3x3", x)
+    B, H, W, c1, _ = _logical(x, input_nchw)
+    c2 = 0
+    if x2 is not None:
+        check_nhwc("conv3x3 x2", x2)
+        if input_nchw:
+            raise ValueError("conv3x3: x2 (the fusion conv's second input) needs NHWC x, not input_nchw")
+        if x2.shape[:3] != (B, H, W) or x2.dtype != x.dtype or x2.device != x.device:
+            raise ValueError(f"conv3x3: x2 must match x's batch, map size, dtype and device; got x "
+                             f"{list(x.shape)} {x.dtype}, x2 {list(x2.shape)} {x2.dtype}")
+        c2 = x2.shape[-1]
+    if w.dim() != 2 or w.shape[0] != 9 * (c1 + c2) or w.dtype != x.dtype:
+        raise ValueError(f"conv3x3: expected w [9 * {c1 + c2}, Cout] in {x.dtype} (use pack_conv3x3), "
+                         f"got {w.dtype} {list(w.shape)}")
+    if bias.shape != (w.shape[1],) or bias.dtype != torch.float32:
+        raise ValueError(f"conv3x3: expected a float32 bias [{w.shape[1]}], got {bias.dtype} {list(bias.shape)}")
+    if stride not in (1, 2):
+        raise ValueError(f"conv3x3: stride must be 1 or 2, got {stride}")
+    if not (x.device == w.device == bias.device):
+        raise ValueError(f"conv3x3: x, w and bias must share a device, got {x.device}, {w.device}, {bias.device}")
+
+
+@triton_op("fastmvit::conv3x3", mutates_args=())
+def _conv3x3_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, x2: Optional[torch.Tensor], *,
+                stride: int, act: bool, input_nchw: bool) -> torch.Tensor:
+    _check(x, w, bias, stride, x2, input_nchw)
+    B, H, W, c1, strides = _logical(x, input_nchw)
+    y = x.new_empty((B, out_size(H, stride), out_size(W, stride), w.shape[1]))
+    if y.numel():
+        _k.conv3x3_launch(x, strides, H, W, c1, x2, w, bias, y, stride, act, launcher=wrap_triton)
+    return y
+
+
+inference_only(_conv3x3_op, "fastmvit::conv3x3")
+
+
+def conv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act: bool,
+            x2: Optional[torch.Tensor] = None, input_nchw: bool = False) -> torch.Tensor:
+    """Dense 3x3, padding 1, + bias, then SiLU if ``act``. See the module docstring for shapes."""
+    c_stride = x.stride(1) if input_nchw else x.stride(-1)
+    wide = (x.shape[1] if input_nchw else x.shape[-1]) > _k.FLAT_K_MAX_CIN
+    if input_nchw and wide:
+        # only tiny-Cin convs gather over arbitrary strides; a wide NCHW input is made NHWC once
+        x, input_nchw = x.permute(0, 2, 3, 1).contiguous(), False
+    elif wide and c_stride != 1:
+        x = x.contiguous()
+    if x2 is not None and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return _conv3x3_op(x, w, bias, x2, stride=stride, act=act, input_nchw=input_nchw)
+
+
+def conv3x3_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act: bool,
+                      x2: Optional[torch.Tensor] = None, input_nchw: bool = False) -> torch.Tensor:
+    """Plain PyTorch, computed in ``x.dtype`` (weights cast to it); the concatenation is materialised."""
+    xn = x if input_nchw else x.permute(0, 3, 1, 2)
+    if x2 is not None:
+        xn = torch.cat([xn, x2.permute(0, 3, 1, 2)], dim=1)
+    cin, cout = xn.shape[1], w.shape[1]
+    weight = w.reshape(3, 3, cin, cout).permute(3, 2, 0, 1).to(x.dtype)
+    y = F.conv2d(xn, weight, bias.to(x.dtype), stride=stride, padding=1)
+    if act:
+        y = F.silu(y)
+    return y.permute(0, 2, 3, 1).contiguous()

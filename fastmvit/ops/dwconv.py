@@ -1,0 +1,115 @@
+"""``fastmvit::dwconv3x3``: depthwise 3x3 convolution + folded-BN bias + optional SiLU on NHWC tensors.
+
+Public API (the engine's contract)::
+
+    w, b = pack_dwconv3x3(weight, bias)       # weight [C, 1, 3, 3] and bias [C], BN folded, float32
+    y = dwconv3x3(x, w, b, stride=1, dilation=1, act=True)
+    #   x [B, H, W, C] float32/float16/bfloat16, channels contiguous (other strides free);
+    #   y [B, OH, OW, C] contiguous, x.dtype, OH = (H - 1) // stride + 1 (padding = dilation)
+    y_ref = dwconv3x3_reference(x, w, b, stride=1, dilation=1, act=True)   # plain PyTorch, x.dtype
+
+Inference only: asking for a gradient through the op raises.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op, wrap_triton
+
+from fastmvit.kernels import dwconv as _k
+
+__all__ = ["pack_dwconv3x3", "dwconv3x3", "dwconv3x3_reference", "inference_only", "check_nhwc"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def inference_only(op, name: str) -> None:
+    """Make ``op`` raise at the forward when autograd would need it, rather than at backward."""
+
+    def setup_context(ctx, inputs, output, **kwargs):
+        raise RuntimeError(f"{name} is inference-only (no backward): call it under torch.inference_mode() "
+                           f"or torch.no_grad(), or detach its inputs")
+
+    def backward(ctx, *grads):  # never reached: setup_context raises first
+        raise RuntimeError(f"{name} has no backward")
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def check_nhwc(name: str, x: torch.Tensor, channels: int | None = None) -> None:
+    """Clear errors for what the NHWC kernels cannot take."""
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected an NHWC activation [B, H, W, C], got shape {list(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name}: activations must be float32, float16 or bfloat16, got {x.dtype}")
+    if channels is not None and x.shape[-1] != channels:
+        raise ValueError(f"{name}: expected {channels} channels in the last dim, got shape {list(x.shape)}")
+
+
+def _check_vec(name: str, t: torch.Tensor, shape: Tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape or t.dtype != torch.float32:
+        raise ValueError(f"{name}: expected a float32 tensor of shape {list(shape)} (use the pack_* function), "
+                         f"got {t.dtype} {list(t.shape)}")
+
+
+def pack_dwconv3x3(weight: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Folded float32 ``weight [C, 1, 3, 3]``, ``bias [C]`` -> ``(w [9, C], b [C])`` float32, contiguous.
+
+    Tap-major so that one tap's weights are a contiguous channel vector; kept in float32 (9*C values,
+    negligible traffic) so half-precision activations lose nothing to weight rounding."""
+    if weight.dim() != 4 or weight.shape[1:] != (1, 3, 3):
+        raise ValueError(f"pack_dwconv3x3: expected a depthwise weight [C, 1, 3, 3], got {list(weight.shape)}")
+    C = weight.shape[0]
+    if bias.shape != (C,):
+        raise ValueError(f"pack_dwconv3x3: bias must be [{C}], got {list(bias.shape)}")
+    w = weight.detach().float().reshape(C, 9).t().contiguous()
+    return w, bias.detach().float().contiguous()
+
+
+def _check(x, w, bias, stride, dilation):
+    check_nhwc("dwconv3x3", x)
+    C = x.shape[-1]
+    _check_vec("dwconv3x3 weight", w, (9, C))
+    _check_vec("dwconv3x3 bias", bias, (C,))
+    if stride not in (1, 2) or dilation not in (1, 2):
+        raise ValueError(f"dwconv3x3: stride and dilation must be 1 or 2, got stride={stride}, dilation={dilation}")
+    if x.stride(-1) != 1:
+        raise ValueError("dwconv3x3: the channel dim must be contiguous (stride 1)")
+    if not (x.device == w.device == bias.device):
+        raise ValueError(f"dwconv3x3: x, w and bias must share a device, got {x.device}, {w.device}, {bias.device}")
+
+
+@triton_op("fastmvit::dwconv3x3", mutates_args=())
+def _dwconv3x3_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, dilation: int,
+                  act: bool) -> torch.Tensor:
+    _check(x, w, bias, stride, dilation)
+    B, H, W, C = x.shape
+    y = x.new_empty((B, _k.out_size(H, stride), _k.out_size(W, stride), C))
+    if y.numel():
+        _k.dwconv3x3_launch(x, w, bias, y, stride, dilation, act, launcher=wrap_triton)
+    return y
+
+
+inference_only(_dwconv3x3_op, "fastmvit::dwconv3x3")
+
+
+def dwconv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int = 1, dilation: int = 1,
+              act: bool = True) -> torch.Tensor:
+    """Depthwise 3x3, padding = dilation, + bias, then SiLU if ``act``. See the module docstring."""
+    if x.stride(-1) != 1:  # the one layout the kernel cannot index in place
+        x = x.contiguous()
+    return _dwconv3x3_op(x, w, bias, stride=stride, dilation=dilation, act=act)
+
+
+def dwconv3x3_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int = 1,
+                        dilation: int = 1, act: bool = True) -> torch.Tensor:
+    """Plain PyTorch, computed in ``x.dtype`` (weights cast to it, as a torch model in that dtype has them)."""
+    C = x.shape[-1]
+    weight = w.t().reshape(C, 1, 3, 3).to(x.dtype)
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias.to(x.dtype), stride=stride, padding=dilation,
+                 dilation=dilation, groups=C)
+    if act:
+        y = F.silu(y)
+    return y.permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,223 @@
+"""Depthwise 3x3 convolution + bias (BatchNorm folded) + optional SiLU on NHWC activations.
+
+Pure memory traffic: every output element reads nine inputs that neighbouring tiles also read, so the
+kernel walks a tile of consecutive output pixels x a block of channels, loads each tap as a
+``[BLOCK_P, BLOCK_C]`` slab (16-byte vectors along the contiguous channel axis) and leaves the 9x reuse
+to L1/L2. Used by the unfused inverted-residual path (hidden widths 32 ... 1536) and by the MobileViTv2
+block's local conv (C = 128 ... 1024, dilated in the segmentation backbones).
+
+Also home of what the three convolution kernel modules share: the SiLU, the vector-width rule and the
+sm_90 compile specialisation (``ConvCompileConfig``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TRITON_DTYPE, CompileConfig, interpreting
+
+
+# --------------------------------------------------------------------------------------------------
+# shared by dwconv / conv / mv2_block
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def silu(x):
+    """SiLU in float32: ex2.approx + one approximate division on the GPU (two MUFU ops per element)."""
+    return x / (1.0 + tl.exp(-x))
+
+
+def vec_width(dtype: torch.dtype, *strides: int) -> int:
+    """Elements per 16-byte vector when every given stride (and channel count) is a multiple of it, else 1.
+    Kernels round these integers down to that multiple (a no-op then) so Triton can prove the alignment and
+    emit 16-byte accesses even where a stride is not a multiple of 16 (C = 24, 40). Base-pointer alignment
+    is Triton's own run-time specialisation (a misaligned view just gets narrower accesses)."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    return vec if all(s % vec == 0 for s in strides) else 1
+
+
+@dataclass(frozen=True)
+class ConvCompileConfig(CompileConfig):
+    """A CompileConfig plus the argument attributes Triton's JIT would specialise on at run time:
+    ``aligned`` names the pointer and integer arguments that are multiples of 16 (every torch allocation is
+    256-byte aligned, so the runtime marks pointers 16-divisible). Without them an ahead-of-time compile
+    emits scalar loads and its register counts do not match the kernel the engine runs."""
+
+    aligned: Tuple[str, ...] = ()
+
+    def attrs(self) -> Dict[tuple, list]:
+        names = self.fn.arg_names
+        return {(names.index(a),): [["tt.divisibility", 16]] for a in self.aligned}
+
+
+def compile_sm90(cfg: CompileConfig, capability: int = 90):
+    """Compile one specialisation ahead of time (no GPU needed); returns Triton's CompiledKernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not isinstance(cfg.fn, triton.runtime.JITFunction):
+        raise RuntimeError(f"{cfg.name}: kernels are interpreted (TRITON_INTERPRET=1); compile checks need "
+                           f"a process where the interpreter is off")
+    attrs = cfg.attrs() if isinstance(cfg, ConvCompileConfig) else None
+    src = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def resource_usage(cfg: CompileConfig, capability: int = 90) -> Dict[str, object]:
+    """Compile ``cfg`` and read what the GPU would spend on it: registers, stack bytes (spills), shared
+    memory, wgmma instructions and 16-byte global accesses (from the PTX), via Triton's bundled cuobjdump."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    compiled = compile_sm90(cfg, capability)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    ptx = compiled.asm["ptx"]
+    return {"name": cfg.name, "registers": int(re.search(r"REG:(\d+)", text).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", text).group(1)), "shared": compiled.metadata.shared,
+            "num_warps": cfg.num_warps, "wgmma": ptx.count("wgmma.mma_async"), "v4": ptx.count("global.v4")}
+
+
+# --------------------------------------------------------------------------------------------------
+# the kernel
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dwconv3x3_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    H, W, C, OH, OW, M,                      # M = B * OH * OW output pixels
+    sxb, sxh, sxw,                           # input strides in elements (channel stride is 1)
+    STRIDE: tl.constexpr, DIL: tl.constexpr, ACT: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # x: [B, H, W, C] (strided, channels contiguous); w: [9, C] fp32 tap-major; b: [C] fp32
+    # y: [B, OH, OW, C] contiguous
+    if VEC > 1:  # the launcher checked these divide; writing it lets Triton prove 16-byte alignment
+        C = (C // VEC) * VEC
+        sxb = (sxb // VEC) * VEC
+        sxh = (sxh // VEC) * VEC
+        sxw = (sxw // VEC) * VEC
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < M
+    c_ok = c < C
+    ow = p % OW
+    oh = (p // OW) % OH
+    b = p // (OW * OH)
+    ih0 = oh * STRIDE - DIL  # padding = dilation keeps 'same' size at stride 1
+    iw0 = ow * STRIDE - DIL
+    x_b = x_ptr + b.to(tl.int64) * sxb
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for kh in tl.static_range(3):
+        ih = ih0 + kh * DIL
+        row_ok = p_ok & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(3):
+            iw = iw0 + kw * DIL
+            ok = row_ok & (iw >= 0) & (iw < W)
+            off = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            xv = tl.load(x_b[:, None] + off[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + (kh * 3 + kw) * C + c, mask=c_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv[None, :]
+    acc += tl.load(b_ptr + c, mask=c_ok, other=0.0)[None, :]
+    if ACT:
+        acc = silu(acc)
+    y_off = p.to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------------
+
+def out_size(n: int, stride: int) -> int:
+    """Output extent of a 3x3 convolution with padding = dilation (the dilation cancels out)."""
+    return (n - 1) // stride + 1
+
+
+def dwconv_config(C: int, M: int = 1 << 30, interpret: bool | None = None) -> Tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps): up to 64 channels (128 bytes of fp16) per row so a warp's loads
+    are whole cache lines, and ~2048 elements per program (16 per thread) so narrow maps (C = 16) still
+    give each thread a full vector. The interpreter gets one large tile (its cost is per program), no
+    larger than the M output pixels need."""
+    if interpreting() if interpret is None else interpret:
+        return min(128, max(16, triton.next_power_of_2(M))), min(triton.next_power_of_2(C), 256), 4
+    block_c = min(triton.next_power_of_2(C), 64)
+    return max(16, 2048 // block_c), block_c, 4
+
+
+def dwconv3x3_launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
+                     stride: int, dilation: int, act: bool, launcher=None) -> torch.Tensor:
+    """Launch into a preallocated ``y``; ``launcher`` wraps the kernel (``torch.library.wrap_triton``)."""
+    B, H, W, C = x.shape
+    OH, OW = y.shape[1], y.shape[2]
+    M = B * OH * OW
+    block_p, block_c, warps = dwconv_config(C, M)
+    sxb, sxh, sxw = x.stride(0), x.stride(1), x.stride(2)
+    vec = vec_width(x.dtype, C, sxb, sxh, sxw)
+    kernel = launcher(_dwconv3x3_kernel) if launcher else _dwconv3x3_kernel
+    grid = (triton.cdiv(M, block_p), triton.cdiv(C, block_c))
+    kernel[grid](x, w, bias, y, H, W, C, OH, OW, M, sxb, sxh, sxw,
+                 STRIDE=stride, DIL=dilation, ACT=act, VEC=vec, BLOCK_P=block_p, BLOCK_C=block_c,
+                 num_warps=warps)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# every specialisation the engine launches
+# --------------------------------------------------------------------------------------------------
+
+def _depthwise_shapes() -> List[Tuple[int, int, int]]:
+    """(C, stride, dilation) of every depthwise conv in the ten released variants: the inverted
+    residuals' hidden widths (unfused path) and the v2 blocks' local conv, plus dilation 2 for the v2
+    segmentation backbones (output stride 16/8 dilates the stride-2 stages' local convs)."""
+    from fastmvit.variants import VARIANTS, make_divisible
+
+    shapes = set()
+    for v in VARIANTS.values():
+        cin = v.stem_channels
+        for s in v.stages:
+            for j in range(s.num_ir):
+                hidden = make_divisible(int(round(cin * s.expand)), 8)
+                shapes.add((hidden, s.stride if j == 0 else 1, 1))
+                cin = s.out_channels
+            if s.transformer is not None and v.family == "v2":
+                shapes.update({(cin, 1, 1), (cin, 1, 2)})
+    return sorted(shapes)
+
+
+def compile_configs() -> List[CompileConfig]:
+    """Specialisations differ only in constexprs: (C's block and vector width, stride, dilation, dtype);
+    act is on for every depthwise conv MobileViT has. Every MobileViT width is a multiple of 16, so VEC is
+    the full 16-byte vector."""
+    configs, seen = [], set()
+    for C, stride, dil in _depthwise_shapes():
+        block_p, block_c, warps = dwconv_config(C, interpret=False)
+        for dtype, name in TRITON_DTYPE.items():
+            vec = vec_width(dtype, C)
+            key = (block_p, block_c, stride, dil, name)
+            if key in seen:
+                continue
+            seen.add(key)
+            sig = {"x_ptr": f"*{name}", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": f"*{name}",
+                   "H": "i32", "W": "i32", "C": "i32", "OH": "i32", "OW": "i32", "M": "i32",
+                   "sxb": "i32", "sxh": "i32", "sxw": "i32", "STRIDE": "constexpr", "DIL": "constexpr",
+                   "ACT": "constexpr", "VEC": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+            configs.append(ConvCompileConfig(
+                name=f"dwconv3x3-BP{block_p}-BC{block_c}-s{stride}-d{dil}-{name}", fn=_dwconv3x3_kernel,
+                signature=sig, num_warps=warps,
+                constexprs={"STRIDE": stride, "DIL": dil, "ACT": True, "VEC": vec, "BLOCK_P": block_p,
+                            "BLOCK_C": block_c},
+                aligned=("x_ptr", "w_ptr", "b_ptr", "y_ptr", "C", "sxb", "sxh", "sxw")))
+    return configs
+
