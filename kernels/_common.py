@@ -1,11 +1,14 @@
-"""Helpers every kernel module shares: interpreter detection, dtype names, compile-check records."""
+"""Helpers every kernel module shares: interpreter detection, dtype names, SiLU, vector widths and the
+compile-check record."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 # Triton's type names for the activation dtypes fastmvit runs in.
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -24,9 +27,10 @@ class CompileConfig:
 
     signature: every argument name -> Triton type ("*fp16", "*fp32", "i32", "fp32", "constexpr").
     constexprs: the values of the constexpr arguments.
-    attrs: extra specialisation attributes by argument index, e.g. ``{(3,): [["tt.divisibility", 16]]}``
-        for an integer the launcher always passes as a multiple of 16; pointers get 16-byte alignment
-        (what torch's allocator guarantees) without saying so.
+    aligned: integer arguments the launcher always passes as multiples of 16 (Triton's JIT specialises
+        on that at run time); pointers are 16-byte aligned without saying so, as torch's allocator
+        guarantees. Without these an ahead-of-time compile emits scalar loads and reports registers that
+        are not those of the kernel that runs.
     """
 
     name: str
@@ -35,4 +39,24 @@ class CompileConfig:
     constexprs: Dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
-    attrs: Dict[Any, Any] = field(default_factory=dict)
+    aligned: Tuple[str, ...] = ()
+
+    def specialisation(self) -> Dict[Tuple[int], list]:
+        """``ASTSource(attrs=...)``: 16-divisibility of every pointer and of the ``aligned`` integers."""
+        return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(self.signature.items())
+                if ty.startswith("*") or name in self.aligned}
+
+
+@triton.jit
+def silu(x):
+    """SiLU in float32: ex2.approx + one approximate division on the GPU (two MUFU ops per element)."""
+    return x / (1.0 + tl.exp(-x))
+
+
+def vec_width(dtype: torch.dtype, *strides: int) -> int:
+    """Elements per 16-byte vector when every given stride (and channel count) is a multiple of it, else 1.
+    Kernels round these integers down to that multiple (a no-op then) so Triton can prove the alignment and
+    emit 16-byte accesses even where a stride is not a multiple of 16 (C = 24, 40). Base-pointer alignment
+    is Triton's own run-time specialisation (a misaligned view just gets narrower accesses)."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    return vec if all(s % vec == 0 for s in strides) else 1

@@ -44,44 +44,52 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _resource_usage(cubin: bytes) -> dict:
+def compile_config(cfg, arch: int = 90):
+    """Compile one specialisation ahead of time for ``sm_<arch>`` (no GPU needed): Triton's CompiledKernel.
+    At run time Triton specialises pointers from torch's allocator (and integers divisible by 16) as
+    16-divisible; ``cfg.specialisation()`` compiles the same specialisation, so vector widths and register
+    counts here are those of the kernel that runs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not isinstance(cfg.fn, triton.runtime.JITFunction):
+        raise RuntimeError(f"{cfg.name}: the kernels are interpreted here (TRITON_INTERPRET=1); compiling "
+                           f"needs a process with the interpreter off")
+    src = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=cfg.specialisation())
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def resource_usage(cfg, arch: int = 90) -> dict:
+    """Compile ``cfg`` and read what the GPU spends on it: registers, stack bytes (spills), shared memory
+    (Triton's own figure: it allocates dynamically), wgmma instructions and 16-byte global accesses."""
+    compiled = compile_config(cfg, arch)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+        f.write(compiled.asm["cubin"])
         f.flush()
         out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
     if not m:
         raise RuntimeError(f"cannot parse cuobjdump output: {out!r}")
-    return {"registers": int(m[1]), "stack": int(m[2]), "shared": int(m[3])}
+    ptx = compiled.asm["ptx"]
+    return {"name": cfg.name, "registers": int(m[1]), "stack": int(m[2]),
+            "shared": max(int(m[3]), int(getattr(compiled.metadata, "shared", 0) or 0)),
+            "num_warps": cfg.num_warps, "wgmma": ptx.count("wgmma.mma_async"), "v4": ptx.count("global.v4")}
 
 
 def _compile_one(family: str, index: int, arch: int) -> Result:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     cfg = _configs(family)[index]
     start = time.perf_counter()
     try:
-        # At run time Triton specialises every pointer from torch's allocator as 16-byte aligned (and
-        # integers divisible by 16 as such): compile the same specialisation, or the vector widths and
-        # register counts reported here would not be the ones that run.
-        attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(cfg.signature.items())
-                 if ty.startswith("*")}
-        attrs.update(cfg.attrs)
-        src = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        usage = _resource_usage(compiled.asm["cubin"])
-        # Triton reports its own shared-memory need (static smem is 0 in the cubin for dynamic allocation).
-        usage["shared"] = max(usage["shared"], int(getattr(compiled.metadata, "shared", 0) or 0))
-        return Result(family, cfg.name, arch, usage["stack"] == 0, **usage,
-                      error="" if usage["stack"] == 0 else "register spill",
-                      seconds=time.perf_counter() - start)
+        usage = resource_usage(cfg, arch)
     except Exception as e:  # report every failure, keep compiling the rest
         return Result(family, cfg.name, arch, False, error=f"{type(e).__name__}: {str(e)[:300]}",
                       seconds=time.perf_counter() - start)
+    spills = usage["stack"] > 0
+    return Result(family, cfg.name, arch, not spills, usage["registers"], usage["stack"], usage["shared"],
+                  error="register spill" if spills else "", seconds=time.perf_counter() - start)
 
 
 _CACHE: dict = {}

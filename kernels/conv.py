@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting
-from .dwconv import ConvCompileConfig, out_size, silu, vec_width
+from ._common import TRITON_DTYPE, CompileConfig, interpreting, silu, vec_width
+from .dwconv import out_size
 
 FLAT_K_MAX_CIN = 7  # 9 * 7 = 63 taps x channels fit one BLOCK_K = 64 gathered tile
 
@@ -220,7 +220,7 @@ def compile_configs() -> List[CompileConfig]:
                 aligned += [a for a, v in (("C1", c1), ("C2", c2), ("COUT", cout)) if v % 16 == 0]
                 if not flat:  # NHWC strides are multiples of C
                     aligned += ["sxb", "sxh", "sxw"] + (["s2b", "s2h", "s2w"] if c2 else [])
-                configs.append(ConvCompileConfig(
+                configs.append(CompileConfig(
                     name=f"conv3x3-{kind}-C{c1}+{c2}-O{cout}-BM{bm}BN{bn}BK{bk}-{name}", fn=_conv3x3_kernel,
                     signature=sig, constexprs=const, num_warps=warps, num_stages=stages, aligned=tuple(aligned)))
     return configs

@@ -5,88 +5,16 @@ kernel walks a tile of consecutive output pixels x a block of channels, loads ea
 ``[BLOCK_P, BLOCK_C]`` slab (16-byte vectors along the contiguous channel axis) and leaves the 9x reuse
 to L1/L2. Used by the unfused inverted-residual path (hidden widths 32 ... 1536) and by the MobileViTv2
 block's local conv (C = 128 ... 1024, dilated in the segmentation backbones).
-
-Also home of what the three convolution kernel modules share: the SiLU, the vector-width rule and the
-sm_90 compile specialisation (``ConvCompileConfig``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting
-
-
-# --------------------------------------------------------------------------------------------------
-# shared by dwconv / conv / mv2_block
-# --------------------------------------------------------------------------------------------------
-
-@triton.jit
-def silu(x):
-    """SiLU in float32: ex2.approx + one approximate division on the GPU (two MUFU ops per element)."""
-    return x / (1.0 + tl.exp(-x))
-
-
-def vec_width(dtype: torch.dtype, *strides: int) -> int:
-    """Elements per 16-byte vector when every given stride (and channel count) is a multiple of it, else 1.
-    Kernels round these integers down to that multiple (a no-op then) so Triton can prove the alignment and
-    emit 16-byte accesses even where a stride is not a multiple of 16 (C = 24, 40). Base-pointer alignment
-    is Triton's own run-time specialisation (a misaligned view just gets narrower accesses)."""
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
-    return vec if all(s % vec == 0 for s in strides) else 1
-
-
-@dataclass(frozen=True)
-class ConvCompileConfig(CompileConfig):
-    """A CompileConfig plus the argument attributes Triton's JIT would specialise on at run time:
-    ``aligned`` names the pointer and integer arguments that are multiples of 16 (every torch allocation is
-    256-byte aligned, so the runtime marks pointers 16-divisible). Without them an ahead-of-time compile
-    emits scalar loads and its register counts do not match the kernel the engine runs."""
-
-    aligned: Tuple[str, ...] = ()
-
-    def attrs(self) -> Dict[tuple, list]:
-        names = self.fn.arg_names
-        return {(names.index(a),): [["tt.divisibility", 16]] for a in self.aligned}
-
-
-def compile_sm90(cfg: CompileConfig, capability: int = 90):
-    """Compile one specialisation ahead of time (no GPU needed); returns Triton's CompiledKernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if not isinstance(cfg.fn, triton.runtime.JITFunction):
-        raise RuntimeError(f"{cfg.name}: kernels are interpreted (TRITON_INTERPRET=1); compile checks need "
-                           f"a process where the interpreter is off")
-    attrs = cfg.attrs() if isinstance(cfg, ConvCompileConfig) else None
-    src = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-
-
-def resource_usage(cfg: CompileConfig, capability: int = 90) -> Dict[str, object]:
-    """Compile ``cfg`` and read what the GPU would spend on it: registers, stack bytes (spills), shared
-    memory, wgmma instructions and 16-byte global accesses (from the PTX), via Triton's bundled cuobjdump."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    compiled = compile_sm90(cfg, capability)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    ptx = compiled.asm["ptx"]
-    return {"name": cfg.name, "registers": int(re.search(r"REG:(\d+)", text).group(1)),
-            "stack": int(re.search(r"STACK:(\d+)", text).group(1)), "shared": compiled.metadata.shared,
-            "num_warps": cfg.num_warps, "wgmma": ptx.count("wgmma.mma_async"), "v4": ptx.count("global.v4")}
+from ._common import TRITON_DTYPE, CompileConfig, interpreting, silu, vec_width
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,11 +141,11 @@ def compile_configs() -> List[CompileConfig]:
                    "H": "i32", "W": "i32", "C": "i32", "OH": "i32", "OW": "i32", "M": "i32",
                    "sxb": "i32", "sxh": "i32", "sxw": "i32", "STRIDE": "constexpr", "DIL": "constexpr",
                    "ACT": "constexpr", "VEC": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
-            configs.append(ConvCompileConfig(
+            configs.append(CompileConfig(
                 name=f"dwconv3x3-BP{block_p}-BC{block_c}-s{stride}-d{dil}-{name}", fn=_dwconv3x3_kernel,
                 signature=sig, num_warps=warps,
                 constexprs={"STRIDE": stride, "DIL": dil, "ACT": True, "VEC": vec, "BLOCK_P": block_p,
                             "BLOCK_C": block_c},
-                aligned=("x_ptr", "w_ptr", "b_ptr", "y_ptr", "C", "sxb", "sxh", "sxw")))
+                aligned=("C", "sxb", "sxh", "sxw")))
     return configs
 

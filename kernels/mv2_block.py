@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting
-from .dwconv import ConvCompileConfig, out_size, silu, vec_width
+from ._common import TRITON_DTYPE, CompileConfig, interpreting, silu, vec_width
+from .dwconv import out_size
 
 # Limits of the fused kernel: the whole input row (Cin) is one dot operand and the [BLOCK_M, Cout]
 # accumulator lives in registers for the program's lifetime.
@@ -171,7 +171,7 @@ def compile_configs() -> List[CompileConfig]:
             aligned = [a for a in sig if a.endswith("_ptr")] + [
                 a for a, v in (("CIN", cin), ("HID", hidden), ("COUT", cout)) if v % 16 == 0]
             aligned += ["sxb", "sxh", "sxw"] if cin % 16 == 0 else []
-            configs.append(ConvCompileConfig(
+            configs.append(CompileConfig(
                 name=f"inverted_residual-{cin}-{hidden}-{cout}-s{stride}{'-res' if residual else ''}-{name}",
                 fn=_inverted_residual_kernel, signature=sig, constexprs=const, num_warps=warps,
                 num_stages=stages, aligned=tuple(aligned)))

@@ -5,7 +5,10 @@ at most ``FACTOR`` times PyTorch's own max error computing the same thing in the
 small floor relative to the output's magnitude for when PyTorch happens to be exact. One table for all
 kernels; never loosen it per test.
 """
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,3 +49,24 @@ def assert_within_torch_error(out: torch.Tensor, ref64: torch.Tensor, torch_same
 
 
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+_COMPILE = """
+import json, sys
+from fastmvit.kernels.check import resource_usage
+mod = __import__(sys.argv[1], fromlist=["compile_configs"])
+names, arch = set(json.loads(sys.argv[2])), int(sys.argv[3])
+print(json.dumps([resource_usage(c, arch) for c in mod.compile_configs() if c.name in names]))
+"""
+
+
+def compiled_resources(module: str, names, arch: int = 90) -> list:
+    """Compile the named specialisations of a kernel module for ``sm_<arch>`` and return what each costs
+    (``fastmvit.kernels.check.resource_usage``). In a child process with the interpreter off: in the test
+    process the kernels are interpreted and cannot be compiled."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE, module, json.dumps(list(names)), str(arch)], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(u["name"] for u in out) == sorted(names), "a named specialisation does not exist"
+    return out

@@ -3,21 +3,17 @@
 On CPU the kernel runs under TRITON_INTERPRET=1 at small but awkward shapes (every v1 head dim, N = 1, 16,
 63 on a 7x9 patch grid, 64, 256 and one N > 1000); on a GPU the same tests run at full size.
 """
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 
 from fastmvit.kernels import attention as K
 from fastmvit.model.blocks import TransformerLayer, unfold_patches
 from fastmvit.ops.attention import patch_attention, patch_attention_reference
 from fastmvit.variants import TransformerSpec
-from tests.kernels.common import DEVICE, DTYPES, ON_GPU, assert_within_torch_error, dtype_id, poison
+from tests.kernels.common import (DEVICE, DTYPES, ON_GPU, assert_within_torch_error, compiled_resources, dtype_id,
+                                  poison)
 from tests.utils import randomize_
 
 HEAD_DIMS = (16, 20, 24, 30, 36, 48, 60)
@@ -179,39 +175,11 @@ def test_compile_configs_cover_the_family():
             assert any(f"-hd{hd}-" in n and n.endswith(t) for n in names), (hd, t)
 
 
-_COMPILE = """
-import re, subprocess, sys, tempfile, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fastmvit.kernels.attention import compile_configs
-cuobjdump, names = sys.argv[1], sys.argv[2:]
-for cfg in compile_configs():
-    if not any(cfg.name.endswith(n) for n in names):
-        continue
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(cfg.signature.values()) if t.startswith("*")}
-    c = triton.compile(ASTSource(cfg.fn, cfg.signature, cfg.constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(c.asm["cubin"]); f.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    print(cfg.name, *re.search(r"REG:(\\d+) STACK:(\\d+)", usage).groups(), "wgmma" in c.asm["ptx"])
-"""
-_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-@pytest.mark.skipif(not os.path.exists(_CUOBJDUMP), reason="no cuobjdump in this Triton")
 def test_compiles_for_sm90_without_spills():
     """The heaviest specialisations (the full set: ``python -m fastmvit.kernels check``) compiled ahead of
-    time for sm_90, with the 16-byte pointer alignment the runtime specialises torch tensors on. In a
-    subprocess: under TRITON_INTERPRET=1 kernels cannot be compiled."""
-    names = ["hd36-M64-N16-G1-w4-s2-fp32", "hd60-M32-N32-G2-w4-s1-fp32", "hd36-M64-N64-G1-w4-s2-fp16",
-             "hd60-M64-N64-G4-w4-s1-bf16"]
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", _COMPILE, _CUOBJDUMP, *names], env=env, capture_output=True,
-                         text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line.split() for line in res.stdout.splitlines()]
-    assert len(rows) == len(names), res.stdout
-    for name, regs, stack, wgmma in rows:
-        assert int(stack) == 0, f"{name}: {stack} bytes of spills"
-        assert wgmma == "True" or "-M32-" in name, f"{name}: no Hopper warpgroup MMA"
+    time for sm_90: no spills, Hopper warpgroup MMAs except in the 32-row float32 tiles."""
+    names = ["patch_attention-" + n for n in ("hd36-M64-N16-G1-w4-s2-fp32", "hd60-M32-N32-G2-w4-s1-fp32",
+                                              "hd36-M64-N64-G1-w4-s2-fp16", "hd60-M64-N64-G4-w4-s1-bf16")]
+    for use in compiled_resources(K.__name__, names):
+        assert use["stack"] == 0, f"{use['name']}: {use['stack']} bytes of spills"
+        assert use["wgmma"] > 0 or "-M32-" in use["name"], f"{use['name']}: no Hopper warpgroup MMA"

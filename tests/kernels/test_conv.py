@@ -1,10 +1,5 @@
 """fastmvit::conv3x3 (Triton implicit GEMM) against its PyTorch reference: the stem reading NCHW input,
 the v1 local conv, the v1 fusion conv over [x, x2]."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -12,7 +7,7 @@ from fastmvit.kernels import conv as K
 from fastmvit.kernels.dwconv import out_size
 from fastmvit.ops.conv import conv3x3, conv3x3_reference, pack_conv3x3
 
-from .common import DEVICE, DTYPES, assert_within_torch_error, dtype_id, needs_gpu, poison
+from .common import DEVICE, DTYPES, assert_within_torch_error, compiled_resources, dtype_id, needs_gpu, poison
 
 # (B, H, W, C1, C2, Cout, stride, input_nchw)
 CASES = [
@@ -159,29 +154,8 @@ def test_launch_rule():
 
 
 # --------------------------------------------------------------------------------------------------
-# sm_90 compile check (shared with the other kernel tests)
+# sm_90 compile check
 # --------------------------------------------------------------------------------------------------
-
-_COMPILE = """
-import json, sys
-from fastmvit.kernels.dwconv import resource_usage
-mod = __import__(sys.argv[1], fromlist=["compile_configs"])
-names = set(json.loads(sys.argv[2]))
-print(json.dumps([resource_usage(c) for c in mod.compile_configs() if c.name in names]))
-"""
-
-
-def resource_usage_sm90(module: str, names) -> list:
-    """Compile the named specialisations of ``module`` for sm_90 in a child process with the
-    interpreter off (in this one the kernels are interpreted and cannot be compiled)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE, module, json.dumps(list(names))], env=env,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert sorted(u["name"] for u in out) == sorted(names)
-    return out
-
 
 def test_compiles_for_sm90_without_spills():
     """Representative specialisations (all of them: ``python -m fastmvit.kernels check``): tensor-core
@@ -189,6 +163,6 @@ def test_compiles_for_sm90_without_spills():
     cfgs = K.compile_configs()
     pick = [next(c.name for c in cfgs if f"-{kind}-" in c.name and c.name.endswith(dt))
             for kind, dt in (("fusion", "fp16"), ("stem", "bf16"), ("local", "fp32"))]
-    for use in resource_usage_sm90(K.__name__, pick):
+    for use in compiled_resources(K.__name__, pick):
         assert use["stack"] == 0, use
         assert (use["wgmma"] > 0) == (not use["name"].endswith("fp32")), use

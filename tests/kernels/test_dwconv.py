@@ -5,7 +5,7 @@ import torch
 from fastmvit.kernels import dwconv as K
 from fastmvit.ops.dwconv import dwconv3x3, dwconv3x3_reference, pack_dwconv3x3
 
-from .common import DEVICE, DTYPES, assert_within_torch_error, dtype_id, needs_gpu, poison
+from .common import DEVICE, DTYPES, assert_within_torch_error, compiled_resources, dtype_id, needs_gpu, poison
 
 # (B, H, W, C, stride, dilation): odd and non-square maps, 1x1 and 2x3 maps, C not a multiple of the
 # channel block or of the 16-byte vector (24, 40, 129), C over one interpreter block (300).
@@ -149,11 +149,10 @@ def test_compile_configs_cover_the_variants():
 def test_compiles_for_sm90_without_spills():
     """The widest tile at stride 2 in each dtype, compiled ahead of time (all of them:
     ``python -m fastmvit.kernels check``): no spills, 16-byte global accesses."""
-    from .test_conv import resource_usage_sm90
 
     cfgs = K.compile_configs()
     pick = [next(c.name for c in cfgs if c.name.endswith(dt) and "-BC64-" in c.name and "-s2-" in c.name)
             for dt in ("fp16", "fp32")]
-    for use in resource_usage_sm90(K.__name__, pick):
+    for use in compiled_resources(K.__name__, pick):
         assert use["stack"] == 0, use
         assert use["v4"] > 0, f"{use['name']}: no 16-byte global accesses"

@@ -11,7 +11,7 @@ from fastmvit.ops.mv2_block import (inverted_residual, inverted_residual_referen
                                     pack_inverted_residual, should_fuse)
 
 from ..utils import randomize_
-from .common import DEVICE, DTYPES, assert_within_torch_error, dtype_id, needs_gpu, poison
+from .common import DEVICE, DTYPES, assert_within_torch_error, compiled_resources, dtype_id, needs_gpu, poison
 
 # (B, H, W, Cin, hidden, Cout, stride): expansion 2 and 4, residual (s1, Cin == Cout) or not, odd and
 # non-square maps, 1x1 and 2x3 maps, hidden over one interpreter chunk (192 = 128 + a masked 64).
@@ -180,12 +180,11 @@ def test_opcheck_full():
 def test_compiles_for_sm90_without_spills():
     """The largest fused blocks (Cin 128, Cout 256, stride 2) and a residual block, in fp16 and fp32
     (all of them: ``python -m fastmvit.kernels check``): no spills, wgmma for 16-bit."""
-    from .test_conv import resource_usage_sm90
 
     cfgs = K.compile_configs()
     pick = [next(c.name for c in cfgs if c.constexprs["BLOCK_CI"] == 128 and c.constexprs["BLOCK_CO"] == 256
                  and c.constexprs["STRIDE"] == 2 and c.name.endswith(dt)) for dt in ("fp16", "fp32")]
     pick.append(next(c.name for c in cfgs if c.constexprs["RESIDUAL"] and c.name.endswith("bf16")))
-    for use in resource_usage_sm90(K.__name__, pick):
+    for use in compiled_resources(K.__name__, pick):
         assert use["stack"] == 0, use
         assert (use["wgmma"] > 0) == (not use["name"].endswith("fp32")), use
