@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Callable, List, Optional
 
 import torch
 
@@ -66,8 +67,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_matrix(models, batches, dtypes, engines: List[E.Engine], device: torch.device, budget: Budget,
-               size: int = 256, check: bool = True, show_progress: bool = True) -> List[Result]:
-    """Measure every engine at every (model, dtype, batch), the engines of one point interleaved."""
+               size: int = 256, check: bool = True, show_progress: bool = True,
+               on_point: Optional[Callable[[List[Result]], None]] = None) -> List[Result]:
+    """Measure every engine at every (model, dtype, batch), the engines of one point interleaved.
+    ``on_point(results)`` after each point (to save partial results of a long sweep)."""
     results: List[Result] = []
     points = [(m, d, b) for m in models for d in dtypes for b in batches]
     for variant, dtype, batch in progress(points, len(points), "bench", show_progress):
@@ -106,6 +109,8 @@ def run_matrix(models, batches, dtypes, engines: List[E.Engine], device: torch.d
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_point is not None:
+            on_point(results)
     order = {e.name: i for i, e in enumerate(engines)}
     results.sort(key=lambda r: (models.index(r.variant), dtypes.index(r.dtype), r.batch, order.get(r.engine, 99)))
     return results
@@ -137,9 +142,16 @@ def _cmd_run(argv: List[str]) -> int:
     meta = environment(device)
     meta["size"] = args.size
     meta["peak"] = device_peak(device, meta["device"], not args.no_measure_peak, dtypes)
-    results = run_matrix(models, batches, dtypes, engines, device, budget, args.size, not args.no_check,
-                         not args.quiet)
-    run = Run(meta, results)
+    run = Run(meta)
+    targets = ([Path(args.json)] if args.json else []) + ([Path(args.report) / "results.json"] if args.report else [])
+
+    def save_partial(results):  # a sweep cut short (a time limit) still leaves what it measured
+        run.results = list(results)
+        for t in targets:
+            run.save(t)
+
+    run.results = run_matrix(models, batches, dtypes, engines, device, budget, args.size, not args.no_check,
+                             not args.quiet, save_partial)
     run.roofline = [roofline_row(m, b, dt, meta["peak"], args.size) for m in models for dt in dtypes for b in batches]
     if args.kernels:
         from . import kernels
@@ -147,12 +159,9 @@ def _cmd_run(argv: List[str]) -> int:
         for dt in dtypes:
             run.kernels += kernels.run(device, E.DTYPES[dt], meta["peak"])
     print(render_terminal(run))
-    if args.json:
-        print(f"results: {run.save(args.json)}")
+    for t in targets:
+        print(f"results: {run.save(t)}")
     if args.report:
-        from pathlib import Path
-
-        run.save(Path(args.report) / "results.json")
         out = write_report(run, args.report)
         print(f"report: {out['markdown']}" + "".join(f", {p}" for p in out["plots"])
               + (f" ({out['note']})" if out["note"] else ""))
@@ -162,14 +171,21 @@ def _cmd_run(argv: List[str]) -> int:
 def _cmd_report(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m fastmvit bench report",
                                 description="Markdown table and PNG plots from a results file")
-    p.add_argument("results", help="results JSON (from `bench --json`, `bench --report` or pytest bench/)")
-    p.add_argument("--out", help="folder for report.md and the plots (default: beside the results file)")
+    p.add_argument("results", nargs="+",
+                   help="results JSON (from `bench --json`, `bench --report` or pytest bench/); several files "
+                        "of one device are merged")
+    p.add_argument("--out", help="folder for report.md and the plots (default: beside the first results file)")
+    p.add_argument("--save", help="also write the (merged) results file here")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    from pathlib import Path
-
-    run = Run.load(args.results)
-    out = write_report(run, args.out or Path(args.results).parent, plots=not args.no_plots)
+    try:
+        run = Run.merge([Run.load(f) for f in args.results])
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.save:
+        run.save(args.save)
+    out = write_report(run, args.out or Path(args.results[0]).parent, plots=not args.no_plots)
     print(render_terminal(run))
     print(f"report: {out['markdown']}" + "".join(f", {x}" for x in out["plots"])
           + (f" ({out['note']})" if out["note"] else ""))

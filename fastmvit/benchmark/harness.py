@@ -199,6 +199,29 @@ class Run:
         return path
 
     @classmethod
+    def merge(cls, runs: List["Run"]) -> "Run":
+        """One run from several of the same device (e.g. a quick sweep and a torch.compile sweep): results,
+        roofline rows and kernels together, a later file's entry replacing an earlier one's at the same
+        point. Runs from different devices are refused: their numbers must not share a table."""
+        devices = {r.meta.get("device") for r in runs}
+        if len(devices) > 1:
+            raise ValueError(f"results from different devices cannot be merged: {sorted(map(str, devices))}")
+        meta = dict(runs[0].meta)
+        if len(runs) > 1:
+            meta["merged_from"] = [{"date": r.meta.get("date"), "command": r.meta.get("command")} for r in runs]
+        results: Dict[tuple, Result] = {}
+        roof: Dict[tuple, dict] = {}
+        kern: Dict[tuple, dict] = {}
+        for r in runs:
+            for x in r.results:
+                results[(x.variant, x.batch, x.dtype, x.size, x.engine)] = x
+            for x in r.roofline:
+                roof[(x["variant"], x["batch"], x["dtype"], x.get("size", 256))] = x
+            for x in r.kernels:
+                kern[(x["family"], x["case"], x["dtype"])] = x
+        return cls(meta, list(results.values()), list(roof.values()), list(kern.values()))
+
+    @classmethod
     def load(cls, path) -> "Run":
         import json
 
@@ -213,12 +236,13 @@ class Run:
 # Where and with what the numbers were taken
 # --------------------------------------------------------------------------------------------------
 
-def _version(module: str) -> Optional[str]:
-    import importlib
+def _version(dist: str) -> Optional[str]:
+    """An installed distribution's version, read from its metadata (importing transformers takes seconds)."""
+    from importlib import metadata
 
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
-    except Exception:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
         return None
 
 
@@ -254,6 +278,14 @@ def git_commit() -> str:
         return "unknown"
 
 
+def command_line() -> str:
+    """How this process was started, ``python -m fastmvit bench ...`` rather than a path to __main__.py."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name == "__main__.py":
+        argv[0] = f"python -m {Path(argv[0]).parent.name}"
+    return " ".join(argv)
+
+
 def environment(device: torch.device) -> dict:
     """Machine, versions, date and commit, recorded with every results file."""
     from .. import __version__
@@ -263,7 +295,7 @@ def environment(device: torch.device) -> dict:
         "device": device_name(device),
         "device_type": device.type,
         "git_commit": git_commit(),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "versions": {
             "fastmvit": __version__,
             "python": platform.python_version(),

@@ -2,6 +2,7 @@
 (throughput against batch size, speed-up over eager, share of the roofline floor)."""
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -80,6 +81,13 @@ def _fmt(x: Optional[float], spec: str, none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
+def _ms(x: float) -> str:
+    """Three significant digits, never in exponent form: 2910, 12.3, 0.153."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{2 - math.floor(math.log10(x))}f}" if x > 0 else "0"
+
+
 def render_terminal(run: Run) -> str:
     """One line per measurement, grouped by model and dtype; then what was not measured, and why."""
     m = run.meta
@@ -154,7 +162,7 @@ def render_markdown(run: Run, plots: Optional[List[str]] = None) -> str:
             row = [e]
             for b in batches:
                 r = found.get((variant, dtype, size, b, e))
-                row.append(f"{r.images_per_s:,.1f} ({r.ms.median:.3g} [{r.ms.q1:.3g}-{r.ms.q3:.3g}])" if r else "-")
+                row.append(f"{r.images_per_s:,.1f} ({_ms(r.ms.median)} [{_ms(r.ms.q1)}-{_ms(r.ms.q3)}])" if r else "-")
             rows.append(row)
         lines += _table(["engine"] + [f"batch {b}" for b in batches], rows) + [""]
         if base:
@@ -187,17 +195,22 @@ def render_markdown(run: Run, plots: Optional[List[str]] = None) -> str:
     if run.kernels:
         lines += ["## Kernels", "", "`triton.testing.do_bench` medians (L2 flushed); bytes and FLOPs are each "
                   "op's minimum; % peak: of the resource that bounds the op.", ""]
-        rows = []
+        rows, missing = [], OrderedDict()
         for k in run.kernels:
             if k.get("status") != "ok":
-                rows.append([k["family"], k["case"], k["dtype"], "-", "-", "-", "-", "-", "-", k.get("reason", "")])
+                missing.setdefault(k.get("reason", ""), []).append(f"{k['family']} {k['case']} {k['dtype']}")
                 continue
             f, e = k["fused"], k["eager"]
             pct = f.get("pct_bandwidth") if k.get("bound") == "memory" else f.get("pct_flops")
-            rows.append([k["family"], k["case"], k["dtype"], f"{f['ms']:.4g}", f"{e['ms']:.4g}", f"{k['speedup']:.2f}x",
-                         f"{f['GBps']:.0f}", f"{f['TFLOPs']:.3g}", _fmt(pct, ".0f") + "%", ""])
-        lines += _table(["family", "case", "dtype", "fused ms", "eager ms", "speed-up", "GB/s", "TFLOP/s",
-                         "% peak", "note"], rows) + [""]
+            rows.append([k["family"], k["case"], k["dtype"], _ms(f["ms"]), _ms(e["ms"]), f"{k['speedup']:.2f}x",
+                         f"{f['GBps']:.0f}", f"{f['TFLOPs']:.3g}", _fmt(pct, ".0f") + "%", k.get("bound", "-")])
+        if rows:
+            lines += _table(["family", "case", "dtype", "fused ms", "eager ms", "speed-up", "GB/s", "TFLOP/s",
+                             "% peak", "bound"], rows) + [""]
+        for reason, which in missing.items():
+            shown = ", ".join(which[:4]) + (f" and {len(which) - 4} more" if len(which) > 4 else "")
+            lines.append(f"- not measured ({len(which)}): {reason} ({shown})")
+        lines += [""] if missing else []
     nm = _not_measured(run.results)
     if nm:
         lines += ["## Not measured", ""] + [f"- {line.strip()}" for line in nm[1:]] + [""]
@@ -226,47 +239,58 @@ def render_plots(run: Run, out_dir) -> Tuple[List[Path], str]:
     if not groups:
         return [], "no plots: nothing was measured"
     title = f"{run.meta['device']} | {run.meta['date'][:10]}"
+    all_engines = list(OrderedDict.fromkeys(r.engine for _, rs in groups for r in rs))
+    colour = {e: plt.get_cmap("tab10" if len(all_engines) <= 10 else "tab20")(i) for i, e in enumerate(all_engines)}
     paths = []
     for kind in ("throughput", "speedup", "roofline"):
         cols = min(3, len(groups))
         rows = (len(groups) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+        legend_in = 0.1 + 0.22 * ((len(all_engines) + 4) // 5)  # inches under the plots for the legend
+        height = 3.6 * rows + 0.3 + legend_in
+        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, height), squeeze=False)
         for ax in axes.flat[len(groups):]:
             ax.axis("off")
+        ratios = []
         for ax, ((variant, dtype, size), rs) in zip(axes.flat, groups):
             base = baseline(run.results, variant, dtype, size)
             batches = sorted({r.batch for r in rs})
-            engines = list(OrderedDict.fromkeys(r.engine for r in rs))
+            engines = [e for e in all_engines if any(r.engine == e for r in rs)]
             by = {(r.engine, r.batch): r for r in rs}
+            width = 0.8 / len(engines)
             for i, e in enumerate(engines):
                 pts = [(b, by[(e, b)]) for b in batches if (e, b) in by]
                 if kind == "throughput":
-                    ax.plot([b for b, _ in pts], [r.images_per_s for _, r in pts], marker="o", label=e)
-                else:
-                    vals = [(b, speedup(run.results, r, base) if kind == "speedup" else roofline_share(run, r))
-                            for b, r in pts]
-                    vals = [(b, y) for b, y in vals if y is not None]
-                    width = 0.8 / len(engines)
-                    ax.bar([batches.index(b) + (i - (len(engines) - 1) / 2) * width for b, _ in vals],
-                           [y for _, y in vals], width=width, label=e)
+                    ax.plot([b for b, _ in pts], [r.images_per_s for _, r in pts], marker="o", label=e,
+                            color=colour[e])
+                    continue
+                vals = [(b, speedup(run.results, r, base) if kind == "speedup" else roofline_share(run, r))
+                        for b, r in pts]
+                vals = [(b, y) for b, y in vals if y is not None]
+                ratios += [y for _, y in vals]
+                ax.bar([batches.index(b) + (i - (len(engines) - 1) / 2) * width for b, _ in vals],
+                       [y for _, y in vals], width=width, label=e, color=colour[e])
             if kind == "throughput":
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
-                ax.set_xlabel("batch")
+                ax.set_xticks(batches, [str(b) for b in batches])
                 ax.set_ylabel("images / s")
             else:
                 ax.set_xticks(range(len(batches)), [str(b) for b in batches])
-                ax.set_xlabel("batch")
                 if kind == "speedup":
                     ax.axhline(1.0, color="grey", lw=0.8)
                     ax.set_ylabel(f"speed-up over {base or 'eager'}")
+                    if ratios and max(ratios) / max(min(ratios), 1e-9) > 20:
+                        ax.set_yscale("log")
                 else:
                     ax.set_ylabel(f"% of roofline floor ({PLAN} plan)")
-            ax.set_title(f"{variant} | {dtype}")
+            ax.set_xlabel("batch")
+            ax.set_title(f"{variant} | {dtype} | {size}x{size}", fontsize=10)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+        handles = [plt.Line2D([], [], color=colour[e], marker="o" if kind == "throughput" else "s",
+                              linestyle="-" if kind == "throughput" else "", label=e) for e in all_engines]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(all_engines), 5), fontsize=8, frameon=False)
         fig.suptitle(f"fastmvit {kind} | {title}", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, legend_in / height, 1, 1))
         path = out_dir / f"{kind}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
