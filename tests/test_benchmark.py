@@ -147,7 +147,7 @@ def test_profile_traffic_orders_the_plans_and_scales_with_batch():
             assert b9 - b1 == 8 * (b1 - p.weights * RL.DTYPE_BYTES[dtype])  # weights once, the rest per image
         assert p.kernels["ideal"] == 1 and p.kernels["fastmvit"] < p.kernels["layerwise"]
     with pytest.raises(ValueError):
-        RL.profile("s", 250)
+        RL.profile("s", 224)
 
 
 def test_layerwise_plan_reproduces_the_issues_bound():
@@ -246,21 +246,21 @@ def test_fastmvit_engine_passes_backend_and_cuda_graphs_when_load_accepts_them(m
 
     monkeypatch.setattr(fastmvit, "load", load)
     assert {"backend", "cuda_graphs"} <= E.load_keywords()
-    E.ENGINES["fastmvit"].build("xxs", 1, "float32", CPU, 64)
+    E.ENGINES["fastmvit"].build("xxs", 1, "float32", CPU, 32)
     assert seen == {"backend": "auto", "cuda_graphs": True}
-    E.ENGINES["torch-eager"].build("xxs", 1, "float32", CPU, 64)
+    E.ENGINES["torch-eager"].build("xxs", 1, "float32", CPU, 32)
     assert seen == {"backend": "torch", "cuda_graphs": None}
 
 
 def test_eager_engines_compute_the_same_logits():
     pytest.importorskip("transformers")
-    outs = {n: E.ENGINES[n].build("xxs", 2, "float32", CPU, 64).fn() for n in
+    outs = {n: E.ENGINES[n].build("xxs", 2, "float32", CPU, 32).fn() for n in
             ("torch-eager", "hf-eager", "torch-channels-last", "fastmvit")}
     ref = outs.pop("torch-eager")
     assert ref.shape == (2, 1000) and ref.abs().max() > 0.1
     for name, out in outs.items():
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=name)
-    amp = E.ENGINES["torch-autocast"].build("xxs", 2, "bfloat16", CPU, 64)
+    amp = E.ENGINES["torch-autocast"].build("xxs", 2, "bfloat16", CPU, 32)
     assert amp.x.dtype == torch.float32
     assert (amp.fn().float() - ref).abs().max() < 0.25 * ref.abs().max()
 
@@ -271,10 +271,10 @@ def test_compiled_engine_resets_dynamo_and_maps_modes(monkeypatch):
     modes, resets = [], []
     monkeypatch.setattr(torch, "compile", lambda model, mode=None, dynamic=None: modes.append(mode) or model)
     monkeypatch.setattr(dynamo, "reset", lambda: resets.append(1))
-    p = E.ENGINES["compile"].build("xxs", 1, "float32", CPU, 64)
+    p = E.ENGINES["compile"].build("xxs", 1, "float32", CPU, 32)
     assert p.fn().shape == (1, 1000)
     p.close()
-    E.ENGINES["compile-max-autotune"].build("xxs", 1, "float32", CPU, 64)
+    E.ENGINES["compile-max-autotune"].build("xxs", 1, "float32", CPU, 32)
     assert modes == [None, "max-autotune"] and len(resets) == 3
 
 
@@ -376,7 +376,7 @@ def test_run_matrix_records_ok_unavailable_and_parity():
     pytest.importorskip("transformers")
     engines = [E.ENGINES[n] for n in ("fastmvit", "hf-eager", "fastmvit-nograph")]
     res = cli.run_matrix(["xxs"], [1], ["float32"], engines, CPU, H.Budget(warmup=1, min_rounds=2, max_rounds=2,
-                                                                            seconds=0), size=64, show_progress=False)
+                                                                            seconds=0), size=32, show_progress=False)
     by = {r.engine: r for r in res}
     assert by["fastmvit"].status == by["hf-eager"].status == "ok"
     assert by["fastmvit"].ms.rounds == 2 and by["fastmvit"].images_per_s > 0

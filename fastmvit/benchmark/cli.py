@@ -116,6 +116,13 @@ def run_matrix(models, batches, dtypes, engines: List[E.Engine], device: torch.d
     return results
 
 
+def _roofline(models, batches, dtypes, peak, size) -> List[dict]:
+    if size % 64:
+        print(f"note: no roofline at {size}x{size} (the traffic model takes multiples of 64)", file=sys.stderr)
+        return []
+    return [roofline_row(m, b, dt, peak, size) for m in models for dt in dtypes for b in batches]
+
+
 def _matrix(args, device):
     d = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     models = [get_variant(m).name for m in _csv(args.models or d["models"])]
@@ -152,7 +159,7 @@ def _cmd_run(argv: List[str]) -> int:
 
     run.results = run_matrix(models, batches, dtypes, engines, device, budget, args.size, not args.no_check,
                              not args.quiet, save_partial)
-    run.roofline = [roofline_row(m, b, dt, meta["peak"], args.size) for m in models for dt in dtypes for b in batches]
+    run.roofline = _roofline(models, batches, dtypes, meta["peak"], args.size)
     if args.kernels:
         from . import kernels
 
@@ -202,7 +209,7 @@ def _cmd_roofline(argv: List[str]) -> int:
     meta = environment(device)
     peak = device_peak(device, meta["device"], not args.no_measure_peak, dtypes)
     run = Run(meta | {"peak": peak},
-              roofline=[roofline_row(m, b, dt, peak, args.size) for m in models for dt in dtypes for b in batches])
+              roofline=_roofline(models, batches, dtypes, peak, args.size))
     from .report import render_markdown
 
     print(render_markdown(run))

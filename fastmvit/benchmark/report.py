@@ -94,7 +94,7 @@ def render_terminal(run: Run) -> str:
     lines = [f"fastmvit bench | {m['device']} | torch {m['versions']['torch']} | {m['date']}",
              f"peak: {format_peak(m.get('peak') or {})}", ""]
     head = (f"{'model':<8} {'dtype':<9} {'batch':>5}  {'engine':<24} {'ms/batch':>9} {'+-':>7} "
-            f"{'images/s':>10} {'speed-up':>9} {'roofline':>9}")
+            f"{'images/s':>10} {'speed-up':>9} {'roofline':>9} {'max|dlogit|':>11}")
     lines += [head, "-" * len(head)]
     for (variant, dtype, size), rs in _groups(run.results).items():
         base = baseline(run.results, variant, dtype, size)
@@ -102,11 +102,13 @@ def render_terminal(run: Run) -> str:
             s, share = speedup(run.results, r, base), roofline_share(run, r)
             lines.append(f"{variant:<8} {dtype:<9} {r.batch:>5}  {r.engine:<24} {r.ms.median:>9.3f} "
                          f"{(r.ms.q3 - r.ms.q1) / 2:>7.3f} {r.images_per_s:>10.1f} "
-                         f"{_fmt(s, '.2f') + 'x' if s else '-':>9} {_fmt(share, '.1f') + '%' if share else '-':>9}")
+                         f"{_fmt(s, '.2f') + 'x' if s else '-':>9} {_fmt(share, '.1f') + '%' if share else '-':>9} "
+                         f"{_fmt(r.max_abs_diff, '.2g'):>11}")
         lines.append("")
     if any(r.status == "ok" for r in run.results):
         lines.append("speed-up: over " + " / ".join(BASELINES) + " (the first that ran); +-: half the "
-                     "interquartile range; roofline: the fused plan's floor time over the measured time")
+                     "interquartile range; roofline: the fused plan's floor time over the measured time; "
+                     "max|dlogit|: against fastmvit's float32 torch path, same weights")
     lines += [""] + _not_measured(run.results)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -176,6 +178,14 @@ def render_markdown(run: Run, plots: Optional[List[str]] = None) -> str:
                     row.append(f"{_fmt(s, '.2f')}x / {_fmt(share, '.1f')}%" if r else "-")
                 rows.append(row)
             lines += _table(["engine"] + [f"batch {b}" for b in batches], rows) + [""]
+        rows = []
+        for e in engines:
+            mine = [r for r in ok if r.engine == e]
+            warm = [r.warmup_s for r in mine if r.warmup_s is not None]
+            diff = [r.max_abs_diff for r in mine if r.max_abs_diff is not None]
+            rows.append([e, _fmt(max(warm) if warm else None, ".3g"), _fmt(max(diff) if diff else None, ".2g")])
+        lines += ["Warm-up (compilation, graph capture) and agreement with fastmvit's float32 torch path:", ""]
+        lines += _table(["engine", "warm-up s (max over batches)", "max abs logit difference"], rows) + [""]
     if run.roofline:
         lines += ["## Roofline", "",
                   "FLOPs from the model structure; bytes: input, weights once, logits, plus the activations that "

@@ -140,11 +140,12 @@ def _v2_block(p: Profile, c: int, spec, hw: int) -> None:
 
 
 def profile(variant, size: int = 256) -> Profile:
-    """FLOPs, folded weights and activation traffic of one image through ``variant`` at size x size
-    (size a multiple of 32, as the released models are used)."""
+    """FLOPs, folded weights and activation traffic of one image through ``variant`` at size x size.
+    ``size`` must be a multiple of 64 (256, 384, 512 ...), so that every stage map is even and the 2x2
+    patches need no resizing, which this model does not count."""
     v: Variant = get_variant(variant)
-    if size % 32:
-        raise ValueError(f"the roofline model takes sizes that are multiples of 32, got {size}")
+    if size % 64:
+        raise ValueError(f"the roofline model takes sizes that are multiples of 64, got {size}")
     p = Profile(v.name, size, input=3 * size * size)
     hw = (size // 2) ** 2
     _conv(p, 3, v.stem_channels, 3, hw)
