@@ -72,80 +72,130 @@ def _sepattn(B, H, W, d):
     def make(device, dtype):
         fused, ref = _op("sepattn", "sepattn_context"), _op("sepattn", "sepattn_context_reference")
         qkv = _rand(B, H, W, 1 + 2 * d, device=device, dtype=dtype)
-        return (lambda: fused(qkv, d)), (lambda: ref(qkv, d))
+        return (lambda: fused(qkv, d)), (lambda: ref(qkv, d, H, W))
 
     return KernelCase("sepattn", f"B{B}-H{H}W{W}-d{d}", 2 * B * H * W * d,
                       lambda s: B * H * W * (1 + d) * s + B * 4 * d * 4, make)
 
 
 def _dwconv(B, H, W, C, stride):
-    """Depthwise 3x3 + folded BN + SiLU, NHWC."""
+    """Depthwise 3x3 + folded BN + SiLU, NHWC (IR blocks on the expanded map; v2 blocks' local conv)."""
     Ho, Wo = (H + stride - 1) // stride, (W + stride - 1) // stride
 
     def make(device, dtype):
         fused, ref = _op("dwconv", "dwconv3x3"), _op("dwconv", "dwconv3x3_reference")
-        pack = _op("dwconv", "pack_dwconv3x3", "pack_dwconv", "pack")
+        w, b = (t.to(device) for t in _op("dwconv", "pack_dwconv3x3")(torch.randn(C, 1, 3, 3) / 3,
+                                                                      torch.randn(C) * 0.1))
         x = _rand(B, H, W, C, device=device, dtype=dtype)
-        w, b = pack(torch.randn(C, 1, 3, 3) / 3, torch.randn(C) * 0.1, dtype=dtype, device=device)
         kw = dict(stride=stride, dilation=1, act=True)
         return (lambda: fused(x, w, b, **kw)), (lambda: ref(x, w, b, **kw))
 
     return KernelCase("dwconv", f"B{B}-H{H}W{W}-C{C}-s{stride}", 2 * 9 * B * Ho * Wo * C,
-                      lambda s: (B * H * W * C + B * Ho * Wo * C + 10 * C) * s, make)
+                      lambda s: (B * H * W * C + B * Ho * Wo * C) * s + 10 * C * 4, make)
 
 
-def _gemm(M, K, N, act, residual):
-    """1x1 conv / linear with bias, optional SiLU and residual: the engine's most common op."""
+def _conv3x3(B, H, W, cin, cout, stride, two_inputs=False, nchw=False):
+    """Dense 3x3 implicit GEMM: the stem (reads the NCHW image), v1's local conv, v1's fusion conv on
+    [x, x2] without the concatenation."""
+    Ho, Wo = (H + stride - 1) // stride, (W + stride - 1) // stride
+    c1 = cin // 2 if two_inputs else cin
+
+    def make(device, dtype):
+        fused, ref = _op("conv", "conv3x3"), _op("conv", "conv3x3_reference")
+        w, b = (t.to(device) for t in _op("conv", "pack_conv3x3")(torch.randn(cout, cin, 3, 3) / (3 * cin ** 0.5),
+                                                                   torch.randn(cout) * 0.1, dtype))
+        x = _rand(*((B, cin, H, W) if nchw else (B, H, W, c1)), device=device, dtype=dtype)
+        kw = dict(stride=stride, act=True, input_nchw=nchw)
+        if two_inputs:
+            kw["x2"] = _rand(B, H, W, cin - c1, device=device, dtype=dtype)
+        return (lambda: fused(x, w, b, **kw)), (lambda: ref(x, w, b, **kw))
+
+    tag = "-nchw" if nchw else ("-x2" if two_inputs else "")
+    return KernelCase("conv", f"B{B}-H{H}W{W}-{cin}to{cout}-s{stride}{tag}", 2 * 9 * B * Ho * Wo * cin * cout,
+                      lambda s: (B * H * W * cin + B * Ho * Wo * cout + 9 * cin * cout) * s + cout * 4, make)
+
+
+def _inverted_residual(B, H, W, cin, hidden, cout, stride):
+    """The whole MobileNetV2 block in one kernel (``fused=True``) against eager convolutions."""
+    Ho, Wo = H // stride, W // stride
+
+    def make(device, dtype):
+        fused, ref = _op("mv2_block", "inverted_residual"), _op("mv2_block", "inverted_residual_reference")
+        g = lambda *shape, fan: torch.randn(*shape) * fan ** -0.5  # noqa: E731
+        p = _op("mv2_block", "pack_inverted_residual")(
+            g(hidden, cin, 1, 1, fan=cin), torch.randn(hidden) * 0.1, g(hidden, 1, 3, 3, fan=9),
+            torch.randn(hidden) * 0.1, g(cout, hidden, 1, 1, fan=hidden), torch.randn(cout) * 0.1,
+            stride=stride, dtype=dtype)
+        p = type(p)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(p).items()})
+        x = _rand(B, H, W, cin, device=device, dtype=dtype)
+        return (lambda: fused(x, p, fused=True)), (lambda: ref(x, p))
+
+    macs = B * (H * W * cin * hidden + Ho * Wo * hidden * 9 + Ho * Wo * hidden * cout)
+    return KernelCase("mv2_block", f"B{B}-H{H}W{W}-{cin}to{hidden}to{cout}-s{stride}", 2 * macs,
+                      lambda s: (B * H * W * cin + B * Ho * Wo * cout + (cin + cout) * hidden) * s, make)
+
+
+def _gemm(M, K, N, act=False, residual=False, layer_norm=False):
+    """1x1 conv / linear with bias and optional LayerNorm prologue, SiLU and residual epilogues."""
     def make(device, dtype):
         fused, ref = _op("gemm", "linear"), _op("gemm", "linear_reference")
-        pack = _op("gemm", "pack_linear", "pack")
+        weight, bias = torch.randn(N, K) * K ** -0.5, torch.randn(N) * 0.1
+        norm = dict(norm_weight=torch.rand(K) + 0.5, norm_bias=torch.randn(K) * 0.1) if layer_norm else {}
+        packed = _op("gemm", "pack_linear")(weight, bias, dtype=dtype, device=device, **norm)
         a = _rand(M, K, device=device, dtype=dtype)
-        r = _rand(M, N, device=device, dtype=dtype) if residual else None
-        packed = pack(torch.randn(N, K) * K ** -0.5, torch.randn(N) * 0.1, dtype=dtype, device=device)
-        kw = dict(act="silu" if act else None, residual=r)
-        return (lambda: fused(a, packed, **kw)), (lambda: ref(a, packed, **kw))
+        kw = dict(act="silu" if act else None, residual=_rand(M, N, device=device, dtype=dtype) if residual else None,
+                  norm="layer" if layer_norm else None)
+        w, b = weight.to(device), bias.to(device)
+        norm = {k: v.to(device) for k, v in norm.items()}
+        return (lambda: fused(a, packed, **kw)), (lambda: ref(a, w, b, **kw, **norm))
 
-    tag = ("-silu" if act else "") + ("-res" if residual else "")
+    tag = ("-ln" if layer_norm else "") + ("-silu" if act else "") + ("-res" if residual else "")
     return KernelCase("gemm", f"M{M}-K{K}-N{N}{tag}", 2 * M * K * N,
-                      lambda s: (M * K + M * N * (2 if residual else 1) + K * N + N) * s, make)
+                      lambda s: (M * K + M * N * (2 if residual else 1) + K * N) * s + N * 4, make)
 
 
 def _pool_linear(B, H, W, C, classes=1000):
     """Global mean pool + classifier -> float32 logits."""
     def make(device, dtype):
         fused, ref = _op("pool", "pool_linear"), _op("pool", "pool_linear_reference")
+        weight, bias = torch.randn(classes, C) * C ** -0.5, torch.randn(classes) * 0.1
+        packed = _op("gemm", "pack_linear")(weight, bias, dtype=dtype, device=device)
         x = _rand(B, H, W, C, device=device, dtype=dtype)
-        w = _rand(classes, C, device=device, dtype=dtype, scale=C ** -0.5)
-        b = _rand(classes, device=device, dtype=dtype, scale=0.1)
-        return (lambda: fused(x, w, b)), (lambda: ref(x, w, b))
+        w, b = weight.to(device), bias.to(device)
+        return (lambda: fused(x, packed)), (lambda: ref(x, w, b))
 
     return KernelCase("pool", f"B{B}-H{H}W{W}-C{C}", B * H * W * C + 2 * B * C * classes,
-                      lambda s: (B * H * W * C + classes * C + classes) * s + B * classes * 4, make)
+                      lambda s: (B * H * W * C + classes * C) * s + B * classes * 4, make)
 
 
 def cases(batch: int = 64, variants=("s", "v2-1.0")) -> List[KernelCase]:
-    """Every op family at the shapes of ``variants`` at 256x256 (v1 attention needs a v1 variant, the
-    v2 context a v2 one)."""
+    """Every op family at the shapes of ``variants`` at 256x256 (v1 attention and convolutions need a v1
+    variant, the v2 context a v2 one)."""
     out: List[KernelCase] = []
     for name in variants:
         v = get_variant(name)
         side, c = 128, v.stem_channels
+        out.append(_conv3x3(batch, 256, 256, 3, c, 2, nchw=True))
         for si, stage in enumerate(v.stages):
             hidden = make_divisible(int(round(c * stage.expand)), 8)
-            if si < 2:  # the early, memory-bound inverted residuals: depthwise and expand GEMM
+            if si < 2:  # the early, memory-bound inverted residuals, fused and in pieces
+                out.append(_inverted_residual(batch, side, side, c, hidden, stage.out_channels, stage.stride))
+                out.append(_gemm(batch * side * side, c, hidden, act=True))
                 out.append(_dwconv(batch, side, side, hidden, stage.stride))
-                out.append(_gemm(batch * side * side, c, hidden, act=True, residual=False))
             side //= stage.stride
             c = stage.out_channels
             t = stage.transformer
             if t is None:
                 continue
             if v.family == "v1":
+                out.append(_conv3x3(batch, side, side, c, c, 1))
+                out.append(_gemm(batch * side * side, t.dim, 3 * t.dim, layer_norm=True))
                 out.append(_attention(batch, side, side, t.dim, t.heads))
-                out.append(_gemm(batch * side * side, t.ffn_dim, t.dim, act=False, residual=True))
+                out.append(_gemm(batch * side * side, t.ffn_dim, t.dim, residual=True))
+                out.append(_conv3x3(batch, side, side, 2 * c, c, 1, two_inputs=True))
             else:
-                out.append(_sepattn(batch, side, side, t.dim))
                 out.append(_dwconv(batch, side, side, c, 1))
+                out.append(_sepattn(batch, side, side, t.dim))
         out.append(_pool_linear(batch, side, side, v.num_features))
     return out
 
