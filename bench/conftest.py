@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never reach the network
 
-from fastmvit.benchmark.harness import Run, environment  # noqa: E402
+from fastmvit.benchmark.results import Run, environment  # noqa: E402
 
 from bench_matrix import DEVICE, DEFAULTS, csv  # noqa: E402
 

@@ -8,7 +8,8 @@ synchronise. An engine that cannot run here is skipped with the reason.
 import pytest
 
 from fastmvit.benchmark import engines as E
-from fastmvit.benchmark.harness import Budget, Result, Stats, synchronized, time_call, warm_up
+from fastmvit.benchmark.harness import Budget, synchronized, time_call, warm_up
+from fastmvit.benchmark.results import Result, Stats
 
 from bench_matrix import DEVICE, matrix
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastmvit
 from fastmvit.benchmark import cli, engines as E, harness as H, kernels as K, peaks as P, report as R
-from fastmvit.benchmark import roofline as RL
+from fastmvit.benchmark import results as RS, roofline as RL
 from fastmvit.model.blocks import Attention, SeparableAttention
 from fastmvit.variants import VARIANTS
 
@@ -24,13 +24,13 @@ CPU = torch.device("cpu")
 # --------------------------------------------------------------------------------------------------
 
 def test_stats_median_quartiles_and_spread():
-    s = H.Stats.from_seconds([0.004, 0.001, 0.003, 0.002, 0.005])
+    s = RS.Stats.from_seconds([0.004, 0.001, 0.003, 0.002, 0.005])
     assert (s.median, s.q1, s.q3, s.min, s.rounds) == (3.0, 2.0, 4.0, 1.0, 5)
     assert s.mean == pytest.approx(3.0) and s.std == pytest.approx(2 ** 0.5)
-    one = H.Stats.from_seconds([0.5])
+    one = RS.Stats.from_seconds([0.5])
     assert one.median == one.q1 == one.q3 == 500.0
     with pytest.raises(ValueError):
-        H.Stats.from_seconds([])
+        RS.Stats.from_seconds([])
 
 
 def test_budget_clamps_rounds():
@@ -53,7 +53,7 @@ def test_measure_interleaved_counts_warmup_rounds_and_survives_a_broken_engine()
     out = H.measure_interleaved({"a": fn("a"), "b": fn("b", fail_after=4), "c": fn("c", fail_after=0)}, CPU,
                                 budget, warmups={"a": 3})
     a_stats, a_warm = out["a"]
-    assert isinstance(a_stats, H.Stats) and a_stats.rounds == 4 and a_warm >= 0
+    assert isinstance(a_stats, RS.Stats) and a_stats.rounds == 4 and a_warm >= 0
     assert calls["a"] == 3 + 4                # 3 warm-up (engine asks for more), 4 timed
     assert isinstance(out["b"][0], RuntimeError)  # broke during timing: reported, others go on
     assert isinstance(out["c"][0], RuntimeError)  # broke in warm-up
@@ -68,26 +68,26 @@ def test_time_call_and_synchronized_on_cpu():
 
 
 def test_run_round_trip_and_schema_check(tmp_path):
-    stats = H.Stats(2.0, 1.5, 2.5, 1.0, 2.0, 0.1, 10)
-    run = H.Run({"device": "x"}, [H.Result("s", 8, "float16", "fastmvit", "ok", ms=stats),
-                                  H.Result("s", 8, "float16", "timm-eager", "unavailable", "no timm")],
+    stats = RS.Stats(2.0, 1.5, 2.5, 1.0, 2.0, 0.1, 10)
+    run = RS.Run({"device": "x"}, [RS.Result("s", 8, "float16", "fastmvit", "ok", ms=stats),
+                                  RS.Result("s", 8, "float16", "timm-eager", "unavailable", "no timm")],
                 [{"variant": "s"}], [{"family": "gemm"}])
     assert run.results[0].images_per_s == pytest.approx(4000.0)
-    back = H.Run.load(run.save(tmp_path / "r.json"))
+    back = RS.Run.load(run.save(tmp_path / "r.json"))
     assert back.to_dict() == run.to_dict()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": "something else"}))
     with pytest.raises(ValueError, match="not a fastmvit results file"):
-        H.Run.load(bad)
+        RS.Run.load(bad)
 
 
 def test_environment_records_machine_versions_date_and_commit(monkeypatch):
     monkeypatch.setenv("FASTMVIT_GIT_COMMIT", "abc123")
-    meta = H.environment(CPU)
+    meta = RS.environment(CPU)
     assert meta["device"].startswith("CPU: ") and meta["git_commit"] == "abc123"
     assert meta["versions"]["torch"] == torch.__version__ and meta["date"][:2] == "20"
     monkeypatch.delenv("FASTMVIT_GIT_COMMIT")
-    assert H.git_commit()  # a sha, or "unknown" outside a checkout
+    assert RS.git_commit()  # a sha, or "unknown" outside a checkout
 
 
 def test_progress_degrades_to_plain_lines(capsys):
@@ -324,18 +324,18 @@ def test_kernel_adapters_call_the_ops_as_documented(case):
 # Report
 # --------------------------------------------------------------------------------------------------
 
-def _synthetic_run() -> H.Run:
+def _synthetic_run() -> RS.Run:
     """A GPU-like run (numbers made up for the test) with every engine the targets need."""
     ms = {("fastmvit", 1): 0.15, ("torch-eager", 1): 3.0, ("compile-reduce-overhead", 1): 0.4,
           ("fastmvit", 256): 8.0, ("torch-autocast", 256): 20.0, ("compile-max-autotune", 256): 10.0,
           ("torch-eager", 256): 30.0}
-    results = [H.Result("s", b, "float16", e, "ok", ms=H.Stats(t, t * 0.95, t * 1.05, t * 0.9, t, t * 0.05, 20))
+    results = [RS.Result("s", b, "float16", e, "ok", ms=RS.Stats(t, t * 0.95, t * 1.05, t * 0.9, t, t * 0.05, 20))
                for (e, b), t in ms.items()]
-    results.append(H.Result("s", 1, "float16", "timm-eager", "unavailable", "timm is not importable"))
+    results.append(RS.Result("s", 1, "float16", "timm-eager", "unavailable", "timm is not importable"))
     peak = {"bandwidth_GBps": 3350, "tflops": {"float16": 989}, "source": {"bandwidth_GBps": "datasheet (H100)"}}
     meta = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-01-01T00:00:00+00:00", "git_commit": "abc",
             "versions": {"torch": "2.11", "triton": "3.6"}, "peak": peak, "command": "test"}
-    run = H.Run(meta, results)
+    run = RS.Run(meta, results)
     run.roofline = [RL.roofline_row("s", b, "float16", peak) for b in (1, 256)]
     run.kernels = [{"family": "gemm", "case": "M1-K2-N3", "dtype": "float16", "status": "ok", "bound": "memory",
                     "speedup": 2.0, "fused": {"ms": 0.1, "GBps": 2000.0, "TFLOPs": 1.0, "pct_bandwidth": 60.0,
@@ -356,7 +356,7 @@ def test_targets_speedups_and_roofline_share():
     assert R.speedup(run.results, r, R.baseline(run.results, "s", "float16")) == pytest.approx(30 / 8)
     floor = next(x for x in run.roofline if x["batch"] == 256)["floor_ms"]["fastmvit"]
     assert R.roofline_share(run, r) == pytest.approx(100 * floor / 8.0)
-    assert R.targets(H.Run({}, []))[0]["met"] is None
+    assert R.targets(RS.Run({}, []))[0]["met"] is None
 
 
 def test_markdown_and_terminal_render(tmp_path):
@@ -382,7 +382,7 @@ def test_report_writes_markdown_and_plots(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "bench" / "results").glob("*/results.json")), ids=str)
 def test_committed_results_render(path, tmp_path):
-    run = H.Run.load(path)
+    run = RS.Run.load(path)
     assert run.meta["device"] and run.meta["date"] and run.meta["versions"]["torch"]
     assert "# fastmvit benchmark" in R.render_markdown(run)
 
@@ -411,7 +411,7 @@ def test_cli_bench_then_report(tmp_path, capsys):
                  "--engines", "fastmvit,timm-eager", "--no-measure-peak", "--quiet", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "fastmvit" in text and "ms/batch" in text and "not measured" in text
-    run = H.Run.load(out)
+    run = RS.Run.load(out)
     assert [r.status for r in run.results][0] == "ok" and run.roofline[0]["size"] == 64
     assert main(["bench", "report", str(out), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
     assert "## xxs | float32 | 64x64" in (tmp_path / "rep" / "report.md").read_text()
@@ -437,14 +437,14 @@ def test_import_is_light_and_bench_suite_collects_without_running():
 
 def test_merge_runs_of_one_device_and_refuse_mixed(tmp_path):
     a, b = _synthetic_run(), _synthetic_run()
-    b.results = [H.Result("s", 1, "float16", "compile", "ok", ms=H.Stats(1, 1, 1, 1, 1, 0, 5))]
-    b.results.append(H.Result("s", 1, "float16", "fastmvit", "ok", ms=H.Stats(0.1, 0.1, 0.1, 0.1, 0.1, 0, 5)))
-    m = H.Run.merge([a, b])
+    b.results = [RS.Result("s", 1, "float16", "compile", "ok", ms=RS.Stats(1, 1, 1, 1, 1, 0, 5))]
+    b.results.append(RS.Result("s", 1, "float16", "fastmvit", "ok", ms=RS.Stats(0.1, 0.1, 0.1, 0.1, 0.1, 0, 5)))
+    m = RS.Run.merge([a, b])
     assert len(m.results) == len(a.results) + 1 and len(m.meta["merged_from"]) == 2
     fast = [r for r in m.results if (r.engine, r.batch) == ("fastmvit", 1)]
     assert len(fast) == 1 and fast[0].ms.median == 0.1  # the later file wins
     b.meta = dict(b.meta, device="other")
     with pytest.raises(ValueError, match="different devices"):
-        H.Run.merge([a, b])
+        RS.Run.merge([a, b])
     pa, pb = a.save(tmp_path / "a.json"), b.save(tmp_path / "b.json")
     assert cli.main(["report", str(pa), str(pb), "--no-plots"]) == 2

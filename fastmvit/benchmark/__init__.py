@@ -1,4 +1,4 @@
-"""fastmvit's benchmarks: one timing harness (``harness``), the engines compared (``engines.ENGINES``),
+"""fastmvit's benchmarks: one timing harness (``harness``) and what a run records (``results``), the engines compared (``engines.ENGINES``),
 the roofline model (``roofline``) and device peaks (``peaks``), kernel microbenchmarks (``kernels``)
 and the report (``report``). ``python -m fastmvit bench`` runs ``main``; ``pytest bench/`` uses the same
 pieces.
@@ -8,7 +8,8 @@ each is imported where it is used, and its absence is reported, not raised.
 """
 from .cli import main, run_matrix
 from .engines import ENGINES, Engine, Unavailable
-from .harness import Budget, Result, Run, Stats, environment, measure_interleaved, time_call
+from .harness import Budget, measure_interleaved, time_call
+from .results import Result, Run, Stats, environment
 from .roofline import PLANS, Profile, profile, roofline_row
 
 __all__ = [

@@ -18,9 +18,10 @@ from typing import Callable, List, Optional
 import torch
 
 from . import engines as E
-from .harness import Budget, Result, Run, environment, measure_interleaved, progress
+from .harness import Budget, measure_interleaved, progress
 from .peaks import device_peak
 from .report import render_terminal, write_report
+from .results import Result, Run, environment
 from .roofline import roofline_row
 from ..variants import get_variant
 

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .harness import Result, Run
+from .results import Result, Run
 from .peaks import format_peak
 
 # The eager engine speed-ups are measured against: the first of these that ran for the group.
