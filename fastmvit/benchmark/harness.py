@@ -121,12 +121,13 @@ def progress(items: Iterable, total: int, desc: str, enabled: bool = True):
         from tqdm import tqdm
     except ImportError:
         tqdm = None
+    label = lambda item: " ".join(map(str, item)) if isinstance(item, tuple) else str(item)  # noqa: E731
     if tqdm is not None and sys.stderr.isatty():
         with tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False) as bar:
             for item in bar:
-                bar.set_postfix_str(str(item))
+                bar.set_postfix_str(label(item))
                 yield item
         return
     for i, item in enumerate(items, 1):
-        print(f"[{i}/{total}] {desc}: {item}", file=sys.stderr, flush=True)
+        print(f"[{i}/{total}] {desc}: {label(item)}", file=sys.stderr, flush=True)
         yield item
