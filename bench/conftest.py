@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never reach the network
 
-from fastmvit.benchmark.results import Run, environment  # noqa: E402
+from fastmvit.benchmark.results import Run, environment, finish  # noqa: E402
 
 from bench_matrix import DEVICE, DEFAULTS, csv  # noqa: E402
 
@@ -57,6 +57,7 @@ def pytest_sessionfinish(session):
     from fastmvit.benchmark.roofline import roofline_row
 
     points = sorted({(r.variant, r.batch, r.dtype, r.size) for r in run.results if r.status == "ok" and r.size % 64 == 0})
+    finish(run.meta)
     run.roofline = [roofline_row(v, b, d, run.meta["peak"], s) for v, b, d, s in points]
     session.config._fastmvit_path = run.save(session.config.getoption("--bench-json"))
 

@@ -21,7 +21,7 @@ from . import engines as E
 from .harness import Budget, measure_interleaved, progress
 from .peaks import device_peak
 from .report import render_terminal, write_report
-from .results import Result, Run, environment
+from .results import Result, Run, environment, finish
 from .roofline import roofline_row
 from ..variants import get_variant
 
@@ -161,6 +161,7 @@ def _cmd_run(argv: List[str]) -> int:
     run.results = run_matrix(models, batches, dtypes, engines, device, budget, args.size, not args.no_check,
                              not args.quiet, save_partial)
     run.roofline = _roofline(models, batches, dtypes, meta["peak"], args.size)
+    finish(meta)
     if args.kernels:
         from . import kernels
 

@@ -81,6 +81,10 @@ def _fmt(x: Optional[float], spec: str, none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
+def _loads(x) -> str:
+    return " ".join(f"{v:.1f}" for v in x) if x else "-"
+
+
 def _ms(x: float) -> str:
     """Three significant digits, never in exponent form: 2910, 12.3, 0.153."""
     if x >= 100:
@@ -140,8 +144,12 @@ def render_markdown(run: Run, plots: Optional[List[str]] = None) -> str:
     lines = ["# fastmvit benchmark", ""]
     lines += _table(["", ""], [["device", m["device"]], ["date", m["date"]], ["commit", f"`{m.get('git_commit')}`"],
                                ["versions", versions], ["peak", format_peak(m.get("peak") or {})],
-                               ["command", f"`{m.get('command', '')}`"]])
-    lines += ["", "Times are per batch of random 256x256 images (inputs prepared and warm-up calls made outside "
+                               ["command", f"`{m.get('command', '')}`"]]
+                      + ([["load average (1/5/15 min), start / end",
+                           f"{_loads(m.get('load_average'))} / {_loads(m.get('load_average_end'))} "
+                           f"on {m.get('threads')} threads"]] if m.get("device_type") == "cpu" else []))
+    size = m.get("size", 256)
+    lines += ["", f"Times are per batch of random {size}x{size} images (inputs prepared and warm-up calls made outside "
               "the timed region; the device is synchronised inside every timed call): the median of the "
               "rounds, and in brackets the interquartile range. Every engine runs the same weights.", ""]
     tg = targets(run)

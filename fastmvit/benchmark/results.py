@@ -186,6 +186,16 @@ def command_line() -> str:
     return " ".join(argv)
 
 
+def load_average() -> Optional[list]:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def finish(meta: dict) -> dict:
+    """Stamp the end of a run on its ``meta``: the load average then."""
+    meta["load_average_end"] = load_average()
+    return meta
+
+
 def environment(device: torch.device) -> dict:
     """Machine, versions, date and commit, recorded with every results file."""
     from .. import __version__
@@ -209,8 +219,9 @@ def environment(device: torch.device) -> dict:
         },
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
-        # Other work on the machine makes CPU timings noisy: record how busy it was.
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        # Other work on the machine makes CPU timings noisy: record how busy it was (1, 5, 15 minutes),
+        # here and, via ``finish``, at the end of the run.
+        "load_average": load_average(),
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
