@@ -14,6 +14,7 @@ from fastmvit.benchmark import cli, engines as E, harness as H, kernels as K, pe
 from fastmvit.benchmark import results as RS, roofline as RL
 from fastmvit.model.blocks import Attention, SeparableAttention
 from fastmvit.variants import VARIANTS
+from tests.kernels.common import DEVICE
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -316,7 +317,7 @@ def test_kernel_adapters_call_the_ops_as_documented(case):
         __import__(f"fastmvit.ops.{case.family}")
     except ImportError as e:
         pytest.skip(f"fastmvit.ops.{case.family} is not here yet ({e})")
-    fused, eager = case.make(CPU, torch.float32)
+    fused, eager = case.make(torch.device(DEVICE), torch.float32)  # the interpreter on a CPU-only machine
     torch.testing.assert_close(fused(), eager(), atol=1e-4, rtol=1e-4)
 
 
@@ -407,7 +408,7 @@ def test_cli_bench_then_report(tmp_path, capsys):
     from fastmvit.__main__ import main
 
     out = tmp_path / "r.json"
-    assert main(["bench", "--models", "xxs", "--batches", "1", "--size", "64", "--seconds", "0", "--min-rounds", "2",
+    assert main(["bench", "--device", "cpu", "--models", "xxs", "--batches", "1", "--size", "64", "--seconds", "0", "--min-rounds", "2",
                  "--engines", "fastmvit,timm-eager", "--no-measure-peak", "--quiet", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "fastmvit" in text and "ms/batch" in text and "not measured" in text
@@ -417,7 +418,7 @@ def test_cli_bench_then_report(tmp_path, capsys):
     assert "## xxs | float32 | 64x64" in (tmp_path / "rep" / "report.md").read_text()
     assert main(["bench", "engines"]) == 0
     assert "compile-max-autotune" in capsys.readouterr().out
-    assert main(["bench", "roofline", "--models", "s", "--batches", "1,256", "--dtypes", "float16",
+    assert main(["bench", "roofline", "--device", "cpu", "--models", "s", "--batches", "1,256", "--dtypes", "float16",
                  "--no-measure-peak"]) == 0
     assert "## Roofline" in capsys.readouterr().out
     assert main(["bench", "--engines", "nope"]) == 2
