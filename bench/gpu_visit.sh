@@ -10,6 +10,7 @@
 #   MAX_AUTOTUNE=1 bash bench/gpu_visit.sh      # add torch.compile(mode="max-autotune") at batch 1 and 256
 #                                               # (compiles for minutes: drop other stages, see below)
 #   STAGES="bench compile" bash bench/gpu_visit.sh
+#   FASTMVIT_GIT_COMMIT=<sha> bash bench/gpu_visit.sh   # where the copy of the tree has no .git
 #
 # Each stage has a time limit, so the script always ends with a report of what it measured; a sweep cut
 # short keeps the points it finished. Wheels in .whl/ (see bench/fetch_wheels.sh) are installed first,
@@ -55,50 +56,51 @@ if has install; then
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv >> "$LOG" 2>&1 || true
 fi
 
+# stage NAME SECONDS LOGFILE CMD...: run CMD under a time limit that also fits the visit's TOTAL
+stage() {
+    local name=$1 want=$2 out=$3; shift 3
+    local t; t=$(limit "$want")
+    if (( t < 20 )); then log "$name: skipped, ${t}s left"; return 0; fi
+    log "$name (limit ${t}s)"
+    timeout "$t" "$@" >> "$out" 2>&1
+    local rc=$?
+    log "$name: exit $rc$([[ $rc == 124 ]] && echo ' (time limit: partial results kept)')"
+}
+
 if has tests; then
-    t=$(limit "$TESTS_TIMEOUT")
-    log "tests (limit ${t}s)"
-    timeout "$t" python3 -m pytest tests -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
-    rc=$?
+    stage tests "$TESTS_TIMEOUT" "$OUT/tests.log" python3 -m pytest tests -q -p no:cacheprovider
     tail -3 "$OUT/tests.log" | tee -a "$LOG"
-    log "tests exit $rc$([[ $rc == 124 ]] && echo ' (time limit)')"
 fi
 
 results=()
 if has bench; then
-    t=$(limit "$BENCH_TIMEOUT")
-    log "bench: quick engines (limit ${t}s)"
-    timeout "$t" python3 -m fastmvit bench --models "$MODEL" --dtypes "$DTYPE" --batches "$BATCHES" \
+    stage "bench: quick engines at batch $BATCHES" "$BENCH_TIMEOUT" "$LOG" \
+        python3 -m fastmvit bench --models "$MODEL" --dtypes "$DTYPE" --batches "$BATCHES" \
         --engines fastmvit,fastmvit-nograph,torch-eager,torch-autocast,torch-channels-last,timm-eager,hf-eager \
-        --json "$WORK/quick.json" >> "$LOG" 2>&1 || log "bench exit $?"
+        --json "$WORK/quick.json"
     [[ -f "$WORK/quick.json" ]] && results+=("$WORK/quick.json")
 fi
 
 if has compile; then
-    t=$(limit "$COMPILE_TIMEOUT")
     engines=fastmvit,torch-eager,torch-autocast,compile,compile-reduce-overhead
     [[ "${MAX_AUTOTUNE:-0}" == 1 ]] && engines="$engines,compile-max-autotune"
-    log "bench: torch.compile at batch $COMPILE_BATCHES (limit ${t}s)"
-    timeout "$t" python3 -m fastmvit bench --models "$MODEL" --dtypes "$DTYPE" --batches "$COMPILE_BATCHES" \
-        --engines "$engines" --no-measure-peak --json "$WORK/compile.json" >> "$LOG" 2>&1 || log "compile bench exit $?"
+    stage "bench: torch.compile at batch $COMPILE_BATCHES" "$COMPILE_TIMEOUT" "$LOG" \
+        python3 -m fastmvit bench --models "$MODEL" --dtypes "$DTYPE" --batches "$COMPILE_BATCHES" \
+        --engines "$engines" --no-measure-peak --json "$WORK/compile.json"
     [[ -f "$WORK/compile.json" ]] && results+=("$WORK/compile.json")
 fi
 
 if has kernels; then
-    t=$(limit "$KERNELS_TIMEOUT")
-    log "kernel microbenchmarks (limit ${t}s)"
-    timeout "$t" python3 -m fastmvit bench kernels --dtypes "$DTYPE" --json "$WORK/kernels.json" >> "$LOG" 2>&1 \
-        || log "kernels exit $?"
+    stage "kernel microbenchmarks" "$KERNELS_TIMEOUT" "$LOG" \
+        python3 -m fastmvit bench kernels --dtypes "$DTYPE" --json "$WORK/kernels.json"
     [[ -f "$WORK/kernels.json" ]] && results+=("$WORK/kernels.json")
 fi
 
 if has pytest-bench; then
-    t=$(limit "$PYTEST_BENCH_TIMEOUT")
-    log "pytest bench/ --benchmark-only, smoke selection (limit ${t}s)"
-    timeout "$t" python3 -m pytest bench --benchmark-only -q -p no:cacheprovider --bench-models "$MODEL" \
+    stage "pytest bench/ --benchmark-only (smoke selection)" "$PYTEST_BENCH_TIMEOUT" "$LOG" \
+        python3 -m pytest bench --benchmark-only -q -p no:cacheprovider --bench-models "$MODEL" \
         --bench-batches 1 --bench-dtypes "$DTYPE" --bench-engines fastmvit,torch-eager --bench-kernel-batch 8 \
-        --bench-json "$WORK/pytest-bench.json" >> "$LOG" 2>&1
-    log "pytest bench exit $?"
+        --bench-json "$WORK/pytest-bench.json"
 fi
 
 if (( ${#results[@]} )); then

@@ -369,6 +369,7 @@ def test_markdown_and_terminal_render(tmp_path):
         assert needle in md, needle
     text = R.render_terminal(run)
     assert "fastmvit" in text and "images/s" in text and "timm-eager (unavailable" in text
+    assert "NOT MET  batch 256: >= 3x eager PyTorch with autocast: 2.50x" in text
 
 
 def test_report_writes_markdown_and_plots(tmp_path):

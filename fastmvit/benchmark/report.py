@@ -113,6 +113,10 @@ def render_terminal(run: Run) -> str:
         lines.append("speed-up: over " + " / ".join(BASELINES) + " (the first that ran); +-: half the "
                      "interquartile range; roofline: the fused plan's floor time over the measured time; "
                      "max|dlogit|: against fastmvit's float32 torch path, same weights")
+    tg = [t for t in targets(run) if t["met"] is not None]
+    if tg:
+        lines += ["", "targets (MobileViT-S, 256x256, float16):"]
+        lines += [f"  {'met    ' if t['met'] else 'NOT MET'}  {t['target']}: {t['measured']}" for t in tg]
     lines += [""] + _not_measured(run.results)
     return "\n".join(lines).rstrip() + "\n"
 
