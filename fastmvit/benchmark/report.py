@@ -252,6 +252,7 @@ def render_plots(run: Run, out_dir) -> Tuple[List[Path], str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except Exception as e:
         return [], f"no plots: matplotlib is not importable ({type(e).__name__})"
     out_dir = Path(out_dir)
@@ -296,6 +297,9 @@ def render_plots(run: Run, out_dir) -> Tuple[List[Path], str]:
                 ax.set_yscale("log")
                 ax.set_xticks(batches, [str(b) for b in batches])
                 ax.set_ylabel("images / s")
+                plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.3g}")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
             else:
                 ax.set_xticks(range(len(batches)), [str(b) for b in batches])
                 if kind == "speedup":
@@ -303,6 +307,7 @@ def render_plots(run: Run, out_dir) -> Tuple[List[Path], str]:
                     ax.set_ylabel(f"speed-up over {base or 'eager'}")
                     if ratios and max(ratios) / max(min(ratios), 1e-9) > 20:
                         ax.set_yscale("log")
+                        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
                 else:
                     ax.set_ylabel(f"% of roofline floor ({PLAN} plan)")
             ax.set_xlabel("batch")
