@@ -64,7 +64,7 @@ stage() {
     log "$name (limit ${t}s)"
     timeout "$t" "$@" >> "$out" 2>&1
     local rc=$?
-    log "$name: exit $rc$([[ $rc == 124 ]] && echo ' (time limit: partial results kept)')"
+    log "$name: exit $rc$([[ $rc == 124 ]] && echo ' (time limit: the points it finished are kept)')"
 }
 
 if has tests; then
