@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_matrix(p)
     p.add_argument("--engines", help=f"engines, comma-separated (default: the quick set; see `bench engines`)")
-    p.add_argument("--compile", action="store_true", help="add torch.compile (default; reduce-overhead on CUDA)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile: default mode, and reduce-overhead (CUDA graphs) on CUDA")
     p.add_argument("--max-autotune", action="store_true", help="add torch.compile(mode='max-autotune'): minutes")
     p.add_argument("--kernels", action="store_true", help="also run the kernel microbenchmarks (CUDA)")
     p.add_argument("--seconds", type=float, help="time budget per (model, batch, dtype), all engines together")
@@ -256,7 +256,7 @@ def _cmd_engines(argv: List[str]) -> int:
             state = "available" + (" (opt-in)" if e.opt_in else "")
         except E.Unavailable as u:
             state = f"unavailable: {u}"
-        print(f"{e.name:<24} {e.label:<52} {state}")
+        print(f"{e.name:<24} {e.label:<62} {state}")
     return 0
 
 
