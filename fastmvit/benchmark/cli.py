@@ -1,0 +1,271 @@
+"""``python -m fastmvit bench``: compare fastmvit with eager PyTorch (and more) on this device.
+
+    python -m fastmvit bench                      # the quick comparison: prints a table
+    python -m fastmvit bench --compile --json r.json --report out/
+    python -m fastmvit bench report r.json --out out/   # Markdown table and PNG plots from a results file
+    python -m fastmvit bench roofline --models s,v2-1.0 --batches 1,256 --dtypes float16
+    python -m fastmvit bench kernels              # fused kernels against the eager ops (CUDA)
+    python -m fastmvit bench engines              # every engine and whether it can run here
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+from . import engines as E
+from .harness import Budget, measure_interleaved, progress
+from .peaks import device_peak
+from .report import render_terminal, write_report
+from .results import Result, Run, environment, finish
+from .roofline import roofline_row
+from ..variants import get_variant
+
+# The quick defaults: about a minute on a 2-core CPU; the issue's key points on a GPU.
+DEFAULTS = {"cpu": dict(models="xxs,s", batches="1,8", dtypes="float32", seconds=2.0, min_rounds=5, warmup=1),
+            "cuda": dict(models="s", batches="1,8,64,256", dtypes="float16", seconds=1.0, min_rounds=20, warmup=2)}
+
+
+def _csv(s: str) -> List[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _device(name: Optional[str]) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _add_matrix(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", help="variants, comma-separated (default: cpu xxs,s; cuda s)")
+    p.add_argument("--batches", help="batch sizes (default: cpu 1,8; cuda 1,8,64,256)")
+    p.add_argument("--dtypes", help="float32, float16, bfloat16 (default: cpu float32; cuda float16)")
+    p.add_argument("--size", type=int, default=256, help="image side (default 256)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--no-measure-peak", action="store_true",
+                   help="use datasheet peaks instead of measuring copy bandwidth and GEMM FLOP/s")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastmvit bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_matrix(p)
+    p.add_argument("--engines", help=f"engines, comma-separated (default: the quick set; see `bench engines`)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile: default mode, and reduce-overhead (CUDA graphs) on CUDA")
+    p.add_argument("--max-autotune", action="store_true", help="add torch.compile(mode='max-autotune'): minutes")
+    p.add_argument("--kernels", action="store_true", help="also run the kernel microbenchmarks (CUDA)")
+    p.add_argument("--seconds", type=float, help="time budget per (model, batch, dtype), all engines together")
+    p.add_argument("--min-rounds", type=int, help="timed calls per engine at least")
+    p.add_argument("--max-rounds", type=int, default=200, help="timed calls per engine at most")
+    p.add_argument("--warmup", type=int, help="untimed calls per engine at least (default: cpu 1, cuda 2)")
+    p.add_argument("--no-check", action="store_true", help="skip the logits check against the float32 torch path")
+    p.add_argument("--json", help="write the results file here")
+    p.add_argument("--report", metavar="DIR", help="write results.json, report.md and plots into DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def run_matrix(models, batches, dtypes, engines: List[E.Engine], device: torch.device, budget: Budget,
+               size: int = 256, check: bool = True, show_progress: bool = True,
+               on_point: Optional[Callable[[List[Result]], None]] = None) -> List[Result]:
+    """Measure every engine at every (model, dtype, batch), the engines of one point interleaved.
+    ``on_point(results)`` after each point (to save partial results of a long sweep)."""
+    results: List[Result] = []
+    points = [(m, d, b) for m in models for d in dtypes for b in batches]
+    for variant, dtype, batch in progress(points, len(points), "bench", show_progress):
+        built, warm = {}, {}
+        for e in engines:
+            try:
+                built[e.name] = e.build(variant, batch, dtype, device, size)
+                warm[e.name] = e.warmup
+            except E.Unavailable as u:
+                results.append(Result(variant, batch, dtype, e.name, "unavailable", str(u), size=size))
+            except Exception as ex:  # a library that breaks on this shape/dtype: report, go on
+                results.append(Result(variant, batch, dtype, e.name, "failed", f"{type(ex).__name__}: {ex}",
+                                      size=size))
+        timed = measure_interleaved({n: p.fn for n, p in built.items()}, device, budget, warm)
+        reference = None
+        if check and built:
+            ref_engine = E.Engine("reference", "", "torch")
+            with torch.inference_mode():
+                reference = ref_engine.build(variant, batch, "float32", device, size).fn().float()
+        for name, (stats, warm_s) in timed.items():
+            if isinstance(stats, Exception) or stats is None:
+                results.append(Result(variant, batch, dtype, name, "failed",
+                                      f"{type(stats).__name__}: {stats}", size=size))
+                continue
+            diff = None
+            if reference is not None:
+                try:
+                    diff = (built[name].fn().float() - reference).abs().max().item()
+                except Exception:
+                    pass
+            results.append(Result(variant, batch, dtype, name, "ok", ms=stats, warmup_s=warm_s,
+                                  max_abs_diff=diff, size=size))
+        for p in built.values():
+            p.close()
+        del built, reference
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if on_point is not None:
+            on_point(results)
+    order = {e.name: i for i, e in enumerate(engines)}
+    results.sort(key=lambda r: (models.index(r.variant), dtypes.index(r.dtype), r.batch, order.get(r.engine, 99)))
+    return results
+
+
+def _roofline(models, batches, dtypes, peak, size) -> List[dict]:
+    if size % 64:
+        print(f"note: no roofline at {size}x{size} (the traffic model takes multiples of 64)", file=sys.stderr)
+        return []
+    return [roofline_row(m, b, dt, peak, size) for m in models for dt in dtypes for b in batches]
+
+
+def _matrix(args, device):
+    d = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    models = [get_variant(m).name for m in _csv(args.models or d["models"])]
+    batches = [int(b) for b in _csv(args.batches or d["batches"])]
+    dtypes = _csv(args.dtypes or d["dtypes"])
+    bad = [x for x in dtypes if x not in E.DTYPES]
+    if bad:
+        raise SystemExit(f"unknown dtype(s) {bad}; use float32, float16, bfloat16")
+    return models, batches, dtypes, d
+
+
+def _cmd_run(argv: List[str]) -> int:
+    args = _parser().parse_args(argv)
+    device = _device(args.device)
+    models, batches, dtypes, d = _matrix(args, device)
+    try:
+        engines = E.select(_csv(args.engines) if args.engines else None, device, args.compile, args.max_autotune)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    budget = Budget(warmup=d["warmup"] if args.warmup is None else args.warmup,
+                    min_rounds=args.min_rounds or d["min_rounds"], max_rounds=args.max_rounds,
+                    seconds=args.seconds or d["seconds"])
+    meta = environment(device)
+    meta["size"] = args.size
+    meta["peak"] = device_peak(device, meta["device"], not args.no_measure_peak, dtypes)
+    run = Run(meta)
+    targets = ([Path(args.json)] if args.json else []) + ([Path(args.report) / "results.json"] if args.report else [])
+
+    def save_partial(results):  # a sweep cut short (a time limit) still leaves what it measured
+        run.results = list(results)
+        for t in targets:
+            run.save(t)
+
+    run.results = run_matrix(models, batches, dtypes, engines, device, budget, args.size, not args.no_check,
+                             not args.quiet, save_partial)
+    run.roofline = _roofline(models, batches, dtypes, meta["peak"], args.size)
+    finish(meta)
+    if args.kernels:
+        from . import kernels
+
+        for dt in dtypes:
+            run.kernels += kernels.run(device, E.DTYPES[dt], meta["peak"])
+    print(render_terminal(run))
+    for t in targets:
+        print(f"results: {run.save(t)}")
+    if args.report:
+        out = write_report(run, args.report)
+        print(f"report: {out['markdown']}" + "".join(f", {p}" for p in out["plots"])
+              + (f" ({out['note']})" if out["note"] else ""))
+    return 0
+
+
+def _cmd_report(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastmvit bench report",
+                                description="Markdown table and PNG plots from a results file")
+    p.add_argument("results", nargs="+",
+                   help="results JSON (from `bench --json`, `bench --report` or pytest bench/); several files "
+                        "of one device are merged")
+    p.add_argument("--out", help="folder for report.md and the plots (default: beside the first results file)")
+    p.add_argument("--save", help="also write the (merged) results file here")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        run = Run.merge([Run.load(f) for f in args.results])
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.save:
+        run.save(args.save)
+    out = write_report(run, args.out or Path(args.results[0]).parent, plots=not args.no_plots)
+    print(render_terminal(run))
+    print(f"report: {out['markdown']}" + "".join(f", {x}" for x in out["plots"])
+          + (f" ({out['note']})" if out["note"] else ""))
+    return 0
+
+
+def _cmd_roofline(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastmvit bench roofline",
+                                description="FLOPs, bytes and floor time of each variant on this device")
+    _add_matrix(p)
+    args = p.parse_args(argv)
+    device = _device(args.device)
+    models, batches, dtypes, _ = _matrix(args, device)
+    meta = environment(device)
+    peak = device_peak(device, meta["device"], not args.no_measure_peak, dtypes)
+    run = Run(meta | {"peak": peak},
+              roofline=_roofline(models, batches, dtypes, peak, args.size))
+    from .report import render_markdown
+
+    print(render_markdown(run))
+    return 0
+
+
+def _cmd_kernels(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastmvit bench kernels",
+                                description="fused kernels against the eager ops they replace (CUDA)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--dtypes", default="float16")
+    p.add_argument("--models", default="s,v2-1.0", help="variants whose shapes to use")
+    p.add_argument("--family", help="only this family (attention, sepattn, dwconv, gemm, pool)")
+    p.add_argument("--device")
+    p.add_argument("--json", help="write the results file here")
+    args = p.parse_args(argv)
+    device = _device(args.device)
+    from . import kernels
+    from .report import render_markdown
+
+    meta = environment(device)
+    dtypes = _csv(args.dtypes)
+    meta["peak"] = device_peak(device, meta["device"], device.type == "cuda", dtypes)
+    run = Run(meta)
+    for dt in dtypes:
+        run.kernels += kernels.run(device, E.DTYPES[dt], meta["peak"], args.batch, _csv(args.models), args.family)
+    print(render_markdown(run))
+    if args.json:
+        print(f"results: {run.save(args.json)}")
+    return 0
+
+
+def _cmd_engines(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastmvit bench engines", description="engines and availability")
+    p.add_argument("--device")
+    p.add_argument("--dtype", default="float16")
+    args = p.parse_args(argv)
+    device = _device(args.device)
+    for e in E.ENGINES.values():
+        try:
+            e.check(device, args.dtype)
+            state = "available" + (" (opt-in)" if e.opt_in else "")
+        except E.Unavailable as u:
+            state = f"unavailable: {u}"
+        print(f"{e.name:<24} {e.label:<62} {state}")
+    return 0
+
+
+COMMANDS = {"report": _cmd_report, "roofline": _cmd_roofline, "kernels": _cmd_kernels, "engines": _cmd_engines,
+            "run": _cmd_run}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return _cmd_run(argv)

@@ -1,0 +1,269 @@
+"""The engines fastmvit is compared with, in one table (``ENGINES``).
+
+Every engine runs the same weights: a seeded random state dict in fastmvit's (timm's) layout, converted
+for Hugging Face with ``fastmvit.weights.from_canonical``, so the benchmark can check that every engine
+computes the same logits. An engine whose library or feature is missing raises ``Unavailable`` with the
+reason; the benchmark reports it and goes on.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..variants import get_variant
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+class Unavailable(Exception):
+    """This engine cannot run here; ``str(e)`` says why (a missing library, a feature not built)."""
+
+
+@functools.lru_cache(maxsize=None)
+def reference_weights(variant: str, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Seeded random weights with non-trivial BatchNorm statistics, float32 on the CPU: BatchNorm left at
+    its defaults would be an identity and hide a wrongly converted tensor in the parity check."""
+    from ..model import MobileViT
+
+    g = torch.Generator().manual_seed(seed)
+    model = MobileViT(variant, 1000)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5, generator=g)
+                mod.bias.normal_(0, 0.1, generator=g)
+                mod.running_mean.normal_(0, 0.1, generator=g)
+                mod.running_var.uniform_(0.5, 1.5, generator=g)
+            elif isinstance(mod, (nn.Conv2d, nn.Linear)):
+                mod.weight.normal_(0, mod.weight[0].numel() ** -0.5, generator=g)
+                if mod.bias is not None:
+                    mod.bias.normal_(0, 0.1, generator=g)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def make_input(batch: int, size: int, device: torch.device, dtype: torch.dtype,
+               channels_last: bool = False, seed: int = 1) -> torch.Tensor:
+    """Random images in [0, 1] (never zeros: some kernels are faster on them)."""
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    x = x.to(device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def load_keywords() -> set:
+    """The keyword arguments ``fastmvit.load`` accepts: the fused engine adds ``backend`` and
+    ``cuda_graphs``; until it lands, the engines that need them are reported as unavailable."""
+    from .. import load
+
+    return set(inspect.signature(load).parameters)
+
+
+def _fastmvit_model(variant: str, backend: Optional[str], cuda_graphs: Optional[bool]) -> nn.Module:
+    from .. import load
+
+    kw = {}
+    accepted = load_keywords()
+    if backend is not None and "backend" in accepted:
+        kw["backend"] = backend
+    if cuda_graphs is not None and "cuda_graphs" in accepted:
+        kw["cuda_graphs"] = cuda_graphs
+    return load(variant, reference_weights(variant), pretrained=False, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_problem(module: str) -> str:
+    """Why ``module`` cannot be imported ("" when it can)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # not installed, or broken (timm without torchvision, say)
+        return f"{module} is not importable ({type(e).__name__}: {e})"
+    return ""
+
+
+def _timm_model(variant: str) -> nn.Module:
+    import timm
+
+    model = timm.create_model(get_variant(variant).timm_name, pretrained=False, num_classes=1000)
+    model.load_state_dict(reference_weights(variant))
+    return model.eval()
+
+
+def hf_model(variant: str) -> nn.Module:
+    """Hugging Face's MobileViT / MobileViTV2 for ``variant`` with the reference weights."""
+    if _import_problem("transformers"):
+        raise Unavailable(_import_problem("transformers"))
+    import transformers as tr
+
+    from ..weights import from_canonical
+
+    v = get_variant(variant)
+    if v.family == "v1":
+        config = tr.MobileViTConfig(
+            hidden_sizes=[s.transformer.dim for s in v.stages[2:]],
+            neck_hidden_sizes=[v.stem_channels, *v.stage_channels, v.final_conv_channels],
+            expand_ratio=float(v.stages[0].expand), num_labels=1000)
+        model = tr.MobileViTForImageClassification(config)
+    else:
+        model = tr.MobileViTV2ForImageClassification(tr.MobileViTV2Config(width_multiplier=float(v.width),
+                                                                          num_labels=1000))
+    missing, unexpected = model.load_state_dict(from_canonical(reference_weights(variant), v.name, "hf"),
+                                                strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise RuntimeError(f"HF weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+class _HFLogits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+@dataclass
+class Prepared:
+    """A built engine: ``fn()`` runs one forward of the prepared input and returns the logits."""
+
+    fn: Callable[[], torch.Tensor]
+    x: torch.Tensor
+    close: Callable[[], None] = lambda: None
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One way of running MobileViT.
+
+    source: "fastmvit" (``fastmvit.load`` with the engine keywords), "torch" (fastmvit's plain-PyTorch
+    path), "timm" or "hf". Eager engines cast the model to the dtype unless ``autocast``, which keeps
+    float32 weights and runs under ``torch.autocast``; ``channels_last`` converts model and input;
+    ``compile_mode`` wraps the model in ``torch.compile``. ``warmup``: untimed calls it needs at least
+    (compilation, CUDA-graph capture). ``opt_in``: run only when asked for by name or option."""
+
+    name: str
+    label: str
+    source: str
+    autocast: bool = False
+    channels_last: bool = False
+    compile_mode: Optional[str] = None
+    backend: Optional[str] = None
+    cuda_graphs: Optional[bool] = None
+    warmup: int = 2
+    opt_in: bool = False
+
+    def check(self, device: torch.device, dtype: str) -> None:
+        """Raise Unavailable when this engine cannot run on ``device`` in ``dtype``."""
+        if self.autocast and dtype == "float32":
+            raise Unavailable("autocast applies to float16/bfloat16 only")
+        if self.source == "fastmvit":
+            accepted = load_keywords()
+            if self.cuda_graphs is False and device.type != "cuda":
+                raise Unavailable("CUDA graphs exist only on CUDA; on the CPU this is the 'fastmvit' row")
+            if not {"backend", "cuda_graphs"} <= accepted and device.type == "cuda":
+                raise Unavailable("this fastmvit has no fused engine yet (fastmvit.load takes no backend=/"
+                                  "cuda_graphs=); its torch path is the torch-eager row")
+        if self.source in ("timm", "hf"):
+            problem = _import_problem("timm" if self.source == "timm" else "transformers")
+            if problem:
+                raise Unavailable(problem)
+        if self.compile_mode == "reduce-overhead" and device.type != "cuda":
+            raise Unavailable("mode='reduce-overhead' uses CUDA graphs: CUDA only")
+
+    def build(self, variant: str, batch: int, dtype: str, device: torch.device, size: int = 256) -> Prepared:
+        self.check(device, dtype)
+        tdtype = DTYPES[dtype]
+        if self.source == "fastmvit":
+            model = _fastmvit_model(variant, self.backend, self.cuda_graphs)
+        elif self.source == "torch":
+            model = _fastmvit_model(variant, "torch", None)
+        elif self.source == "timm":
+            model = _timm_model(variant)
+        elif self.source == "hf":
+            model = _HFLogits(hf_model(variant))
+        else:
+            raise ValueError(f"unknown engine source {self.source!r}")
+        model = model.to(device=device, dtype=torch.float32 if self.autocast else tdtype)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        x = make_input(batch, size, device, torch.float32 if self.autocast else tdtype, self.channels_last)
+        grad_off = torch.inference_mode
+        close = lambda: None  # noqa: E731
+        if self.compile_mode is not None:
+            import torch._dynamo as dynamo
+
+            # A fresh dynamo for each compiled engine: every MobileViT instance shares one forward code
+            # object, and past its recompile limit dynamo would silently run eager.
+            dynamo.reset()
+            model = torch.compile(model, mode=None if self.compile_mode == "default" else self.compile_mode,
+                                  dynamic=False)
+            grad_off = torch.no_grad
+            close = dynamo.reset
+        amp = (functools.partial(torch.autocast, device.type, dtype=tdtype) if self.autocast
+               else contextlib.nullcontext)
+
+        def fn():
+            with grad_off(), amp():
+                return model(x)
+
+        return Prepared(fn, x, close)
+
+
+def _registry() -> List[Engine]:
+    engines = [
+        Engine("fastmvit", "fastmvit (fused kernels, CUDA graphs)", "fastmvit", backend="auto", cuda_graphs=True,
+               warmup=3),
+        Engine("fastmvit-nograph", "fastmvit (fused kernels, no CUDA graphs)", "fastmvit", backend="auto",
+               cuda_graphs=False),
+    ]
+    for src, what in (("torch", "eager PyTorch (fastmvit's torch path)"), ("timm", "timm eager"),
+                      ("hf", "HF transformers eager")):
+        engines += [
+            Engine(f"{src}-eager", what, src),
+            Engine(f"{src}-channels-last", f"{what}, channels-last", src, channels_last=True),
+            Engine(f"{src}-autocast", f"{what}, autocast", src, autocast=True),
+            Engine(f"{src}-autocast-cl", f"{what}, autocast, channels-last", src, autocast=True,
+                   channels_last=True),
+        ]
+    engines += [
+        Engine("compile", "torch.compile (default)", "torch", compile_mode="default", warmup=3),
+        Engine("compile-reduce-overhead", "torch.compile (reduce-overhead: CUDA graphs)", "torch",
+               compile_mode="reduce-overhead", warmup=5),
+        Engine("compile-max-autotune", "torch.compile (max-autotune; compiles for minutes)", "torch",
+               compile_mode="max-autotune", warmup=5, opt_in=True),
+    ]
+    return engines
+
+
+ENGINES: Dict[str, Engine] = {e.name: e for e in _registry()}
+
+# What runs when nothing is named: the README's quick comparison, and the pytest suites.
+QUICK = {"cpu": ["fastmvit", "hf-eager", "timm-eager"],
+         "cuda": ["fastmvit", "fastmvit-nograph", "torch-eager", "torch-autocast", "timm-eager", "hf-eager"]}
+COMPILED = ["compile", "compile-reduce-overhead"]
+
+
+def select(names: Optional[List[str]], device: torch.device, compiled: bool = False,
+           max_autotune: bool = False) -> List[Engine]:
+    """Engines by name (None: the quick set for the device, plus torch.compile if ``compiled``, plus
+    max-autotune if ``max_autotune``). Unknown names raise ValueError listing the valid ones."""
+    if names is None:
+        names = list(QUICK["cuda" if device.type == "cuda" else "cpu"])
+        if compiled:
+            names += COMPILED if device.type == "cuda" else ["compile"]
+    names = list(names)
+    if max_autotune and "compile-max-autotune" not in names:
+        names.append("compile-max-autotune")
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown:
+        raise ValueError(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
+    return [ENGINES[n] for n in names]
