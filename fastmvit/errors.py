@@ -7,7 +7,15 @@ class FastMViTError(Exception):
 
 
 class InputError(FastMViTError, ValueError):
-    """An input tensor or image the model cannot take (shape, dtype, device, size)."""
+    """An input tensor or image the model cannot take (shape, dtype, device, size).
+
+    ``reason`` says which kind, for callers that answer differently (a server's status code): "empty",
+    "not_an_image", "corrupt" (truncated or damaged), "too_small", "too_large", or "invalid" (anything
+    else: shape, dtype, device)."""
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class CheckpointError(FastMViTError, ValueError):

@@ -99,11 +99,11 @@ def load_image(src, *, min_side: int = 1, max_pixels: Optional[int] = None):
     else:
         if isinstance(src, (bytes, bytearray, memoryview)):
             if len(src) == 0:
-                raise InputError("empty image data")
+                raise InputError("empty image data", "empty")
             fp, name = io.BytesIO(bytes(src)), "image data"
         elif isinstance(src, (str, os.PathLike)):
             if not os.path.isfile(src):
-                raise InputError(f"no such image file: {src}")
+                raise InputError(f"no such image file: {src}", "empty")
             fp, name = src, str(src)
         elif hasattr(src, "read"):
             fp, name = src, "image stream"
@@ -116,19 +116,21 @@ def load_image(src, *, min_side: int = 1, max_pixels: Optional[int] = None):
                 img = Image.open(fp)
                 w, h = img.size
                 if limit is not None and w * h > limit:
-                    raise InputError(f"{name}: image of {w}x{h} pixels exceeds the limit of {limit} pixels")
+                    raise InputError(f"{name}: image of {w}x{h} pixels exceeds the limit of {limit} pixels",
+                                     "too_large")
                 img.load()  # decode now, so a truncated file fails here and not later
         except InputError:
             raise
         except UnidentifiedImageError as e:
-            raise InputError(f"{name} is not an image in a format Pillow can read (JPEG, PNG, WebP, ...)") from e
+            raise InputError(f"{name} is not an image in a format Pillow can read (JPEG, PNG, WebP, ...)",
+                             "not_an_image") from e
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InputError(f"{name}: refused a decompression bomb: {e}") from e
+            raise InputError(f"{name}: refused a decompression bomb: {e}", "too_large") from e
         except (OSError, SyntaxError, ValueError) as e:
-            raise InputError(f"{name} could not be decoded (truncated or corrupt): {e}") from e
+            raise InputError(f"{name} could not be decoded (truncated or corrupt): {e}", "corrupt") from e
     if min(img.size) < min_side:
         raise InputError(f"image of {img.size[0]}x{img.size[1]} is too small; each side needs at least "
-                         f"{min_side} pixels")
+                         f"{min_side} pixels", "too_small")
     return img.convert("RGB") if img.mode != "RGB" else img
 
 

@@ -97,23 +97,26 @@ def test_load_image_accepts_bytes_paths_arrays(image_files):
     assert load_image(gray.getvalue()).mode == "RGB"
 
 
-@pytest.mark.parametrize("data,match", [
-    (b"", "empty image data"),
-    (b"this is not an image at all", "is not an image in a format Pillow can read"),
-    (_jpeg_bytes()[:300], "could not be decoded \\(truncated or corrupt\\)"),
+@pytest.mark.parametrize("data,match,reason", [
+    (b"", "empty image data", "empty"),
+    (b"this is not an image at all", "is not an image in a format Pillow can read", "not_an_image"),
+    (_jpeg_bytes()[:300], "could not be decoded \\(truncated or corrupt\\)", "corrupt"),
 ])
-def test_bad_image_data(data, match):
-    with pytest.raises(InputError, match=match):
+def test_bad_image_data(data, match, reason):
+    with pytest.raises(InputError, match=match) as err:
         load_image(data)
+    assert err.value.reason == reason
 
 
 def test_too_small_and_too_large_images():
     tiny = io.BytesIO()
     Image.new("RGB", (1, 1)).save(tiny, format="PNG")
-    with pytest.raises(InputError, match="image of 1x1 is too small; each side needs at least 8 pixels"):
+    with pytest.raises(InputError, match="image of 1x1 is too small; each side needs at least 8 pixels") as err:
         load_image(tiny.getvalue(), min_side=8)
-    with pytest.raises(InputError, match="image of 64x48 pixels exceeds the limit of 1000 pixels"):
+    assert err.value.reason == "too_small"
+    with pytest.raises(InputError, match="image of 64x48 pixels exceeds the limit of 1000 pixels") as err:
         load_image(_jpeg_bytes(), max_pixels=1000)
+    assert err.value.reason == "too_large"
 
 
 def test_decompression_bomb_is_refused_before_decoding():
@@ -121,8 +124,9 @@ def test_decompression_bomb_is_refused_before_decoding():
     buf = io.BytesIO()
     Image.new("1", (40000, 40000)).save(buf, format="PNG")
     assert len(buf.getvalue()) < 300_000
-    with pytest.raises(InputError, match="(decompression bomb|exceeds the limit)"):
+    with pytest.raises(InputError, match="(decompression bomb|exceeds the limit)") as err:
         load_image(buf.getvalue())
+    assert err.value.reason == "too_large"
 
 
 def test_not_a_file():
