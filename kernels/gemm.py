@@ -360,7 +360,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[in
     if dtype == torch.float32:  # IEEE fp32 dot runs on FMA units
         if pool:  # with 4 warps ptxas parks a few long-lived values on the stack
             return GemmConfig(32, 64, 32, 8, 2)
-        return GemmConfig(32 if norm else 64, 64, 32, 4, 2)
+        return GemmConfig(32 if (norm or not aligned) else 64, 64, 32, 4, 2)
     if not aligned:  # scalar loads, one address each: the tile that never spills
         return GemmConfig(64, 64, 32, 4, 3)
     if pool or N <= 64:

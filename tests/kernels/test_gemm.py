@@ -8,7 +8,7 @@ import torch
 from fastmvit.kernels import gemm as kg
 from fastmvit.model.blocks import TransformerLayer
 from fastmvit.ops.gemm import (finalize_group_stats, group_stats_reference, linear, linear_reference, pack_linear)
-from fastmvit.variants import TransformerSpec
+from fastmvit.variants import VARIANTS, TransformerSpec
 from tests.kernels.common import DEVICE, DTYPES, ON_GPU, assert_within_torch_error, dtype_id
 
 
@@ -181,6 +181,29 @@ def test_relu_scale_prologue(B, H, W, d, dt):
     assert torch.allclose(m, m64, rtol=1e-5, atol=1e-6) and torch.allclose(var, v64, rtol=1e-4), what
 
 
+# -- aligned rows whose K is not a multiple of 8: the K tail loads whole 8-column groups -------------------
+
+@pytest.mark.parametrize("dt", DTYPES, ids=dtype_id)
+def test_aligned_rows_ragged_k(dt):
+    """A = the first K = 129 columns of a [M, 144] buffer (16-byte aligned rows): the tail step reads
+    columns 129..135 too, which hold NaN and inf here and must not leak into the result."""
+    M, K, N, H, W = 48, 129, 40, 4, 6
+    buf = rand(M, 144, mean=10.0, dtype=dt)
+    buf[:, K:] = float("nan")
+    buf[:, K + 1::2] = float("inf")
+    a = buf[:, :K]
+    assert kg.is_aligned(a)
+    tag = dtype_id(dt)
+    w = layer(K, N)
+    compare(run(a, w, dt, act="silu"), a, w, f"M48-K129-N40-aligned-tail-{tag}", act="silu")
+    wn = layer(K, N, affine=True)
+    compare(run(a, wn, dt, norm="layer"), a, wn, f"M48-K129-N40-aligned-tail-ln-{tag}", norm="layer")
+    buf[:, :K] -= 10
+    cv = torch.randn(M // (H * W), 4, K, device=DEVICE)
+    compare(run(a, w, dt, relu_scale=cv, hw=(H, W)), a, w, f"M48-K129-N40-aligned-tail-relu-{tag}",
+            relu_scale=cv, hw=(H, W))
+
+
 # -- every tile path with small tiles: several K steps, N tiles, row tiles per sample, straddling tiles ----
 
 SMALL = kg.GemmConfig(16, 16, 16, 4, 1)
@@ -252,6 +275,43 @@ def test_v1_transformer_layer(dt):
         ref64 = mod.double()(x.double()).reshape(seqs * n, spec.dim)
         same = mod.to(dt)(x).reshape(seqs * n, spec.dim)
     assert_within_torch_error(t.cpu(), ref64, same, f"v1-layer-d36-{dtype_id(dt)}")
+
+
+# -- every GEMM the engine launches for a variant (all variants at 256x256 on a GPU, a small CPU smoke) ---
+
+ENGINE_CASES = ([(name, 256, 2, dt) for name in VARIANTS for dt in DTYPES] if ON_GPU
+                else [("xxs", 64, 1, torch.float32), ("v2-0.5", 64, 1, torch.float16)])
+
+
+@pytest.mark.parametrize("name,size,batch,dt", ENGINE_CASES,
+                         ids=[f"{n}-{s}px-B{b}-{dtype_id(d)}" for n, s, b, d in ENGINE_CASES])
+def test_engine_calls(name, size, batch, dt):
+    """Each call of kg.engine_calls with its flags and shapes (the layouts the engine uses: v2's out_proj
+    reads the v columns of a padded k | v | q buffer) against the reference."""
+    for c in kg.engine_calls(VARIANTS[name], batch, size):
+        M, K, N, rps = c["M"], c["K"], c["N"], c["rows"]
+        what = f"{name}-M{M}-K{K}-N{N}-" + "-".join(k for k in sorted(c) if k not in ("M", "K", "N", "rows"))
+        w = layer(K, N, affine=bool(c.get("norm")), bias=c.get("bias", False))
+        kw = dict(act="silu" if c.get("act") else None, rows_per_sample=rps)
+        if c.get("relu_scale"):
+            a = rand(M, 2 * K + 16, dtype=dt)[:, K:2 * K]
+            kw.update(relu_scale=torch.randn(M // rps, 4, K, device=DEVICE), hw=(int(rps ** 0.5),) * 2)
+        elif c.get("norm") == kg.NORM_GROUP:
+            a, stats = produce(M // rps, rps, 16, K, dt, mean=5.0)
+            kw.update(norm="group", group_stats=stats)
+        else:
+            a = rand(M, K, mean=5.0 if c.get("norm") else 0.0, dtype=dt)
+            kw.update(norm="layer" if c.get("norm") else None)
+        if c.get("res"):
+            kw["residual"] = rand(M, N, dtype=dt)
+        out = run(a, w, dt, emit_group_stats=c.get("stats", False), pool=c.get("pool", False), **kw)
+        if c.get("stats"):
+            out, stats = out
+            m, v = (t.float() for t in finalize_group_stats(stats))
+            m64, v64 = group_stats_reference(out, rps)
+            assert_within_torch_error(v, v64, out.float().reshape(M // rps, -1).var(1, unbiased=False), what)
+        kw.pop("group_stats", None)
+        compare(out, a, w, what, pool=c.get("pool", False), **kw)
 
 
 # -- packing, validation, registration ---------------------------------------------------------------------
