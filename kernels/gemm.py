@@ -358,12 +358,14 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[in
         # The interpreter's cost grows with the number of programs, not their size.
         return GemmConfig(_pow2(rows or M, 16, 128), _pow2(N, 16, 128), _pow2(K, 16, 128), 4, 1)
     if dtype == torch.float32:  # IEEE fp32 dot runs on FMA units
-        if pool:  # with 4 warps ptxas parks a few long-lived values on the stack
-            return GemmConfig(32, 64, 32, 8, 2)
+        if pool:  # other tiles let ptxas park a few long-lived values on the stack (sm_80 or sm_90)
+            return GemmConfig(32, 64, 32, 8, 2) if aligned else GemmConfig(32, 32, 32, 4, 2)
         return GemmConfig(32 if (norm or not aligned) else 64, 64, 32, 4, 2)
     if not aligned:  # scalar loads, one address each: the tile that never spills
-        return GemmConfig(64, 64, 32, 4, 3)
-    if pool or N <= 64:
+        return GemmConfig(64, 64, 32, 8 if pool else 4, 3)
+    if pool:  # the loop over the sample's row tiles keeps more alive: two warpgroups
+        return GemmConfig(64, 64, 64, 8, 3)
+    if N <= 64 or relu_scale:  # relu-scale's fp32 cv tile is pipelined too: no room for larger tiles
         return GemmConfig(64, 64, 64, 4, 3)
 
     def tiles(bm, bn):
@@ -371,8 +373,6 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[in
 
     if tiles(128, 128) >= sms:
         return GemmConfig(128, 128, 64, 8, 3)
-    if relu_scale:  # its cv gather and stats epilogue leave no room for 64x128 on one warpgroup
-        return GemmConfig(64, 64, 64, 4, 3)
     if tiles(64, 128) >= sms or norm:  # batch 1: fill the SMs before growing the tile
         return GemmConfig(64, 128, 64, 4, 3)
     return GemmConfig(64, 64, 64, 4, 3)
@@ -506,6 +506,8 @@ def _call_alignment(c) -> Tuple[str, ...]:
     row stride is (v2's out_proj reads the v columns of the padded [k | v | q] qkv: stride and offset are
     multiples of 16 when d is); y and the residual when N is (v2's qkv rows are padded to 16)."""
     args = list(W_ARGS) + ["bias_ptr", "stats_in_ptr", "cv_ptr", "stats_out_ptr"]
+    if c.get("unaligned"):
+        return tuple(args)
     if c["K"] % 16 == 0:
         args += ["a_ptr", "stride_am", "K"]
     if c["N"] % 16 == 0 or c.get("qkv"):
@@ -518,14 +520,17 @@ def _call_alignment(c) -> Tuple[str, ...]:
 def compile_configs(batches=(1, 8, 64, 256), size: int = 256) -> List[CompileConfig]:
     """Every specialisation of ``gemm_kernel`` the engine launches for the released variants at
     size x size and the given batch sizes, in the three dtypes (deduplicated), each with the arguments
-    Triton will see as 16-divisible (``AlignedCompileConfig.divisible_by_16``)."""
+    Triton will see as 16-divisible (``AlignedCompileConfig.divisible_by_16``); and, for every flag
+    combination, the unaligned fallback tile with nothing but W aligned, which other channel counts
+    or strided inputs reach."""
     from fastmvit.variants import VARIANTS
 
     seen = {}
     for dtype, name in TRITON_DTYPE.items():
         for variant in VARIANTS.values():
             for batch in batches:
-                for c in engine_calls(variant, batch, size):
+                calls = engine_calls(variant, batch, size)
+                for c in calls + [dict(c, unaligned=True) for c in calls]:
                     div16 = _call_alignment(c)
                     aligned = {"a_ptr", "out_ptr"} <= set(div16)
                     rows = c["rows"] if c.get("stats") or c.get("pool") else None

@@ -7,7 +7,7 @@ statistics that the GEMM producing x emitted (conv_1x1 or the previous fc2; ``pa
 
     qkv_w = pack_qkv(qkv.weight, qkv.bias, norm_weight=gn1.weight, norm_bias=gn1.bias, dtype=dt, device=dev)
     qkv = linear(x, qkv_w, norm="group", group_stats=s, rows_per_sample=H * W)   # k | v | q, rows padded
-    cv = sepattn_context(qkv, d, H, W, **QKV_COLUMNS(d))
+    cv = sepattn_context(qkv, d, H, W, **qkv_columns(d))
     x, s = linear(qkv[:, d:2 * d], out_w, relu_scale=cv, hw=(H, W), residual=x,
                   emit_group_stats=True, rows_per_sample=H * W)
     h = linear(x, fc1_w, norm="group", group_stats=s, rows_per_sample=H * W, act="silu")

@@ -10,7 +10,7 @@ of 16, as in every released v2):
     qkv_w = pack_qkv(attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=gn1.weight, norm_bias=gn1.bias,
                      dtype=dt, device=dev)
     qkv = linear(x, qkv_w, norm="group", group_stats=s, rows_per_sample=H * W)   # [M, 2d + 1] view
-    cv = sepattn_context(qkv, d, H, W, **QKV_COLUMNS(d))                         # q_col=2d, k_col=0
+    cv = sepattn_context(qkv, d, H, W, **qkv_columns(d))                         # q_col=2d, k_col=0
     x, s = linear(qkv[:, d:2 * d], out_w, relu_scale=cv, hw=(H, W), residual=x, ...)
 """
 from __future__ import annotations
@@ -24,10 +24,10 @@ from torch.library import triton_op
 from ..kernels import sepattn as _k
 from .gemm import PackedLinear, check_no_grad, pack_linear
 
-__all__ = ["sepattn_context", "sepattn_context_reference", "pack_qkv", "QKV_COLUMNS"]
+__all__ = ["sepattn_context", "sepattn_context_reference", "pack_qkv", "qkv_columns"]
 
 
-def QKV_COLUMNS(d: int) -> dict:
+def qkv_columns(d: int) -> dict:
     """Columns of q and k in the output of a ``pack_qkv`` GEMM (v is columns d .. 2d-1)."""
     return {"q_col": 2 * d, "k_col": 0}
 

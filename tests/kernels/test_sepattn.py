@@ -6,7 +6,7 @@ import torch
 from fastmvit.kernels import sepattn as ks
 from fastmvit.model.blocks import PATCH, LinearTransformerLayer
 from fastmvit.ops.gemm import linear, linear_reference, pack_linear
-from fastmvit.ops.sepattn import QKV_COLUMNS, pack_qkv, sepattn_context, sepattn_context_reference
+from fastmvit.ops.sepattn import pack_qkv, qkv_columns, sepattn_context, sepattn_context_reference
 from fastmvit.variants import TransformerSpec
 from tests.kernels.common import DEVICE, DTYPES, ON_GPU, assert_within_torch_error, dtype_id
 
@@ -52,7 +52,7 @@ def test_context_chunks_and_layouts(dt):
     assert_within_torch_error(ks.context(qkv, d, H, W, blocks=(8, 16)), ref64, same, what + "-chunks")
     assert_within_torch_error(sepattn_context(qkv.reshape(B, H, W, -1), d), ref64, same, what + "-4d")
     kvq = torch.cat([qkv[:, 1:], qkv[:, :1], torch.zeros_like(qkv[:, :7])], dim=1)  # padded k | v | q
-    assert_within_torch_error(sepattn_context(kvq, d, H, W, **QKV_COLUMNS(d)), ref64, same, what + "-kvq")
+    assert_within_torch_error(sepattn_context(kvq, d, H, W, **qkv_columns(d)), ref64, same, what + "-kvq")
 
 
 def test_pack_qkv_layout():
@@ -123,7 +123,7 @@ def test_v2_transformer_layer(layout, dt):
             qkv = linear(x, pack_qkv(mod.attn.qkv_proj.weight, mod.attn.qkv_proj.bias, norm_weight=mod.norm1.weight,
                                      norm_bias=mod.norm1.bias, dtype=dt, device=DEVICE),
                          norm="group", group_stats=s, rows_per_sample=rps)
-            cv, v = sepattn_context(qkv, d, H, W, **QKV_COLUMNS(d)), qkv[:, d:2 * d]
+            cv, v = sepattn_context(qkv, d, H, W, **qkv_columns(d)), qkv[:, d:2 * d]
         else:
             qkv = linear(x, pack(mod.attn.qkv_proj, mod.norm1), norm="group", group_stats=s, rows_per_sample=rps)
             cv, v = sepattn_context(qkv, d, H, W), qkv[:, 1 + d:]
