@@ -1,0 +1,71 @@
+"""Global mean pooling + classifier: the registered op, the public calls and their reference.
+
+The classifier's weights are packed like any GEMM's (``fastmvit.ops.gemm.pack_linear``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import triton_op
+
+from ..kernels import pool as _k
+from .gemm import PackedLinear, check_no_grad
+
+__all__ = ["pool_linear", "classifier", "pool_linear_reference"]
+
+
+@triton_op("fastmvit::pool_linear", mutates_args={})
+def _pool_linear_op(x: Tensor, w: Tensor, n_classes: int, bias: Optional[Tensor]) -> Tensor:
+    return _k.pool_linear(x, w, n_classes, bias)
+
+
+def _no_backward(ctx, *grads):
+    raise RuntimeError("fastmvit's fused ops are inference-only: no gradient is defined for them")
+
+
+_pool_linear_op.register_autograd(_no_backward)
+
+
+def _run(x3: Tensor, packed: PackedLinear) -> Tensor:
+    check_no_grad(x3)
+    if x3.shape[-1] != packed.in_features:
+        raise ValueError(f"features have {x3.shape[-1]} channels, the classifier expects {packed.in_features}")
+    if x3.device != packed.device:
+        raise ValueError(f"features on {x3.device}, classifier weights on {packed.device}")
+    if x3.stride(2) != 1:
+        x3 = x3.contiguous()
+    return torch.ops.fastmvit.pool_linear(x3, packed.weight, packed.out_features, packed.bias)
+
+
+def pool_linear(x: Tensor, packed: PackedLinear) -> Tensor:
+    """logits = mean over (H, W) of x, then @ W^T + b.
+
+    x: [B, H, W, C] NHWC (channel stride 1), float32 / float16 / bfloat16 (any; it is pooled in fp32
+       and cast to the weights' dtype for the product, as PyTorch's pooled tensor would be).
+    packed: ``pack_linear(fc.weight [NC, C], fc.bias)``.
+    Returns [B, NC] float32 logits.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, H, W, C], got {tuple(x.shape)}")
+    B, H, W, C = x.shape
+    if x.stride(1) != W * x.stride(2):  # H and W must merge into one row index without a copy
+        x = x.contiguous()
+    return _run(x.as_strided((B, H * W, C), (x.stride(0), x.stride(2), x.stride(3))), packed)
+
+
+def classifier(features: Tensor, packed: PackedLinear) -> Tensor:
+    """logits [B, NC] float32 = features [B, C] @ W^T + b, for features already pooled (for example the
+    float32 output of ``linear(..., pool=True)``)."""
+    if features.dim() != 2:
+        raise ValueError(f"features must be [B, C], got {tuple(features.shape)}")
+    return _run(features[:, None, :], packed)
+
+
+def pool_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x [B, H, W, C] -> mean over H, W -> F.linear in x's dtype -> float32 [B, NC]."""
+    def cast(t):
+        return None if t is None else t.to(dtype=x.dtype, device=x.device)
+
+    return F.linear(x.mean(dim=(1, 2)), cast(weight), cast(bias)).float()
