@@ -362,7 +362,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[in
             return GemmConfig(32, 64, 32, 8, 2) if aligned else GemmConfig(32, 32, 32, 4, 2)
         return GemmConfig(32 if (norm or not aligned) else 64, 64, 32, 4, 2)
     if not aligned:  # scalar loads, one address each: the tile that never spills
-        return GemmConfig(64, 64, 32, 8 if pool else 4, 3)
+        return GemmConfig(64, 64, 32, 8 if (pool or relu_scale) else 4, 3)
     if pool:  # the loop over the sample's row tiles keeps more alive: two warpgroups
         return GemmConfig(64, 64, 64, 8, 3)
     if N <= 64 or relu_scale:  # relu-scale's fp32 cv tile is pipelined too: no room for larger tiles
