@@ -1,5 +1,5 @@
-"""Helpers every kernel module shares: interpreter detection, dtype names, SiLU, vector widths and the
-compile-check record."""
+"""Helpers every kernel module shares: interpreter detection, launching, output allocation, dtype names,
+SiLU, vector widths and the compile-check record."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,26 @@ import triton.language as tl
 
 # Triton's type names for the activation dtypes fastmvit runs in.
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """``wrap_triton(kernel)[grid](*args, **meta)``: traceable by torch.compile and CUDA graphs. Under the
+    interpreter with fake tensors (opcheck, torch.compile's shape propagation on the CPU) nothing runs:
+    torch needs only the outputs' metadata, and the interpreter cannot read fake data."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if interpreting() and any(isinstance(t, FakeTensor) for t in args):
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+
+
+def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` for a kernel's output; NaN-filled when FASTMVIT_POISON_OUTPUTS=1 (the tests set it),
+    so an element a kernel fails to write shows up as NaN, in a kernel test or deep inside the model."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("FASTMVIT_POISON_OUTPUTS") == "1":
+        out.fill_(float("nan"))
+    return out
 
 
 def interpreting() -> bool:

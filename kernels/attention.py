@@ -46,9 +46,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting
+from ._common import TRITON_DTYPE, CompileConfig, empty_output, interpreting, launch
 
 __all__ = ["AttentionConfig", "gpu_configs", "launch_config", "patch_attention", "compile_configs"]
 
@@ -233,23 +232,20 @@ def patch_attention(qkv: torch.Tensor, heads: int, *, out: torch.Tensor | None =
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     if out is None:
-        out = torch.empty((B, H, W, d), dtype=qkv.dtype, device=qkv.device)
+        out = empty_output((B, H, W, d), qkv.dtype, qkv.device)
     elif out.shape != (B, H, W, d) or out.dtype != qkv.dtype or out.stride(-1) != 1:
         raise ValueError(f"patch_attention: out must be [{B}, {H}, {W}, {d}] {qkv.dtype} with channel stride 1")
     N = (H // 2) * (W // 2)
     n_groups = B * 4 * heads
     if N == 0 or B == 0:
         return out
-    if interpreting() and is_fake(qkv):
-        # wrap_triton does not trace interpreted kernels: a fake kernel only needs ``out``'s metadata
-        return out
     cfg = config or launch_config(N, n_groups, qkv.dtype, hd, qkv.device)
     rows = cfg.BLOCK_M // cfg.G
     if cfg.G > 1 and cfg.BLOCK_N // cfg.G < N:
         raise ValueError(f"patch_attention: {cfg} packs {cfg.G} groups but cannot hold N = {N} keys")
     grid = (triton.cdiv(N, rows) * triton.cdiv(n_groups, cfg.G),)
-    torch.library.wrap_triton(_patch_attention_kernel)[grid](
-        qkv, out, n_groups, N, W // 2,
+    launch(
+        _patch_attention_kernel, grid, qkv, out, n_groups, N, W // 2,
         qkv.stride(0), qkv.stride(1), qkv.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         hd ** -0.5,

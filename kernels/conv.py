@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting, silu, vec_width
+from ._common import TRITON_DTYPE, CompileConfig, interpreting, launch, silu, vec_width
 from .dwconv import out_size
 
 FLAT_K_MAX_CIN = 7  # 9 * 7 = 63 taps x channels fit one BLOCK_K = 64 gathered tile
@@ -152,7 +152,7 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
 
 def conv3x3_launch(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
                    x2: Optional[torch.Tensor], w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                   stride: int, act: bool, launcher=None) -> torch.Tensor:
+                   stride: int, act: bool) -> torch.Tensor:
     """Launch into a preallocated ``y [B, OH, OW, Cout]``. x holds ``c1`` channels of an ``H x W`` map
     with strides ``x_strides`` in logical (b, h, w, c) order (an NCHW tensor passes ``(s0, s2, s3, s1)``);
     ``x2`` is the NHWC second input of the fusion conv, or None."""
@@ -165,12 +165,11 @@ def conv3x3_launch(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int
     s2 = x2.stride()[:3] if x2 is not None else (0, 0, 0)
     vec = vec_width(x.dtype, cout) if flat else vec_width(x.dtype, cout, c1, c2, sxb, sxh, sxw, *s2)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
-    kernel = launcher(_conv3x3_kernel) if launcher else _conv3x3_kernel
     grid = (triton.cdiv(M, bm), triton.cdiv(cout, bn))
-    kernel[grid](x, x2 if x2 is not None else x, w, bias, y, H, W, c1, c2, cout, OH, OW, M,
-                 sxb, sxh, sxw, sxc, *s2,
-                 STRIDE=stride, ACT=act, HAS_X2=x2 is not None, FLAT_K=flat, VEC=vec, PREC=prec,
-                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    launch(_conv3x3_kernel, grid, x, x2 if x2 is not None else x, w, bias, y, H, W, c1, c2, cout, OH, OW, M,
+           sxb, sxh, sxw, sxc, *s2,
+           STRIDE=stride, ACT=act, HAS_X2=x2 is not None, FLAT_K=flat, VEC=vec, PREC=prec,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting, silu, vec_width
+from ._common import TRITON_DTYPE, CompileConfig, interpreting, launch, silu, vec_width
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,17 +85,16 @@ def dwconv_config(C: int, M: int = 1 << 30, interpret: bool | None = None) -> Tu
 
 
 def dwconv3x3_launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                     stride: int, dilation: int, act: bool, launcher=None) -> torch.Tensor:
-    """Launch into a preallocated ``y``; ``launcher`` wraps the kernel (``torch.library.wrap_triton``)."""
+                     stride: int, dilation: int, act: bool) -> torch.Tensor:
+    """Launch into a preallocated ``y``."""
     B, H, W, C = x.shape
     OH, OW = y.shape[1], y.shape[2]
     M = B * OH * OW
     block_p, block_c, warps = dwconv_config(C, M)
     sxb, sxh, sxw = x.stride(0), x.stride(1), x.stride(2)
     vec = vec_width(x.dtype, C, sxb, sxh, sxw)
-    kernel = launcher(_dwconv3x3_kernel) if launcher else _dwconv3x3_kernel
     grid = (triton.cdiv(M, block_p), triton.cdiv(C, block_c))
-    kernel[grid](x, w, bias, y, H, W, C, OH, OW, M, sxb, sxh, sxw,
+    launch(_dwconv3x3_kernel, grid, x, w, bias, y, H, W, C, OH, OW, M, sxb, sxh, sxw,
                  STRIDE=stride, DIL=dilation, ACT=act, VEC=vec, BLOCK_P=block_p, BLOCK_C=block_c,
                  num_warps=warps)
     return y

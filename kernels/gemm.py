@@ -41,19 +41,15 @@ and keep the column sums in registers: no atomics, deterministic.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.library import wrap_triton
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting
+from ._common import TRITON_DTYPE, CompileConfig, empty_output, interpreting, launch
 
-__all__ = ["GemmConfig", "AlignedCompileConfig", "pick_config", "is_aligned", "empty_output", "gemm",
+__all__ = ["GemmConfig", "pick_config", "is_aligned", "gemm",
            "compile_configs"]
 
 NORM_NONE, NORM_LAYER, NORM_GROUP = 0, 1, 2
@@ -293,39 +289,11 @@ class GemmConfig(NamedTuple):
     num_stages: int
 
 
-@dataclass(frozen=True)
-class AlignedCompileConfig(CompileConfig):
-    """A CompileConfig for a launch in which Triton sees these arguments as divisible by 16 (pointers:
-    16-byte aligned; integers: multiples of 16), as it does at run time. The compile check must pass them
-    as ``attrs={(index,): [["tt.divisibility", 16]]}`` to reproduce the launched code: without them every
-    load is a scalar one with its own 64-bit address."""
-
-    divisible_by_16: Tuple[str, ...] = ()
-
-
 # Arguments Triton specialises as 16-divisible in an aligned launch (W is always: pack_linear pads it).
 ALIGNED_ARGS = ("a_ptr", "w_ptr", "res_ptr", "out_ptr", "stride_am", "stride_wk", "stride_rm", "stride_om")
 W_ARGS = ("w_ptr", "stride_wk")
 
 _SM_COUNT = {}
-
-
-def launch(kernel, grid, *args, **meta) -> None:
-    """wrap_triton(kernel)[grid](*args, **meta), except for fake tensors under the interpreter: torch then
-    needs only the outputs' metadata (torch.compile, opcheck), and the interpreter cannot read fake data.
-    On a GPU the wrap_triton call itself is the no-op for fake tensors."""
-    if interpreting() and any(isinstance(t, FakeTensor) for t in args):
-        return
-    wrap_triton(kernel)[grid](*args, **meta)
-
-
-def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """torch.empty for a kernel's output; NaN-filled when FASTMVIT_POISON_OUTPUTS=1 (the tests set it),
-    so that an element a kernel fails to write shows up as NaN."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("FASTMVIT_POISON_OUTPUTS") == "1":
-        out.fill_(float("nan"))
-    return out
 
 
 def _sm_count(device: torch.device) -> int:
@@ -520,7 +488,7 @@ def _call_alignment(c) -> Tuple[str, ...]:
 def compile_configs(batches=(1, 8, 64, 256), size: int = 256) -> List[CompileConfig]:
     """Every specialisation of ``gemm_kernel`` the engine launches for the released variants at
     size x size and the given batch sizes, in the three dtypes (deduplicated), each with the arguments
-    Triton will see as 16-divisible (``AlignedCompileConfig.divisible_by_16``); and, for every flag
+    Triton will see as 16-divisible (``CompileConfig.aligned``); and, for every flag
     combination, the unaligned fallback tile with nothing but W aligned, which other channel counts
     or strided inputs reach."""
     from fastmvit.variants import VARIANTS
@@ -552,6 +520,6 @@ def compile_configs(batches=(1, 8, 64, 256), size: int = 256) -> List[CompileCon
                                     if arg in div16)
                     label = (f"gemm-{name}-{'-'.join(f for f in flags if f) or 'plain'}"
                              f"-{cfg.BM}x{cfg.BN}x{cfg.BK}-w{cfg.num_warps}s{cfg.num_stages}-div16:{align or 'w'}")
-                    seen[key] = AlignedCompileConfig(label, gemm_kernel, _signature(name), cons, cfg.num_warps,
-                                                     cfg.num_stages, divisible_by_16=div16)
+                    seen[key] = CompileConfig(label, gemm_kernel, _signature(name), cons, cfg.num_warps,
+                                                     cfg.num_stages, aligned=div16)
     return list(seen.values())

@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting
-from .gemm import AlignedCompileConfig, empty_output, launch
+from ._common import TRITON_DTYPE, CompileConfig, empty_output, interpreting, launch
 
 __all__ = ["pool_linear", "compile_configs"]
 
@@ -98,7 +97,7 @@ def compile_configs() -> List[CompileConfig]:
                     "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
             base = ("w_ptr", "bias_ptr", "out_ptr", "stride_wk")
             for div16, tag in ((base + ("x_ptr", "stride_xb", "stride_xh", "C"), "al"), (base, "w")):
-                out.append(AlignedCompileConfig(f"pool_linear-{name}-x{x_type[1:]}-hw{hw}-div16:{tag}",
+                out.append(CompileConfig(f"pool_linear-{name}-x{x_type[1:]}-hw{hw}-div16:{tag}",
                                                 pool_linear_kernel, _signature(x_type, f"*{name}"), cons, warps, 2,
-                                                divisible_by_16=div16))
+                                                aligned=div16))
     return out

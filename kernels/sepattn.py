@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting
-from .gemm import AlignedCompileConfig, empty_output, launch
+from ._common import TRITON_DTYPE, CompileConfig, empty_output, interpreting, launch
 
 __all__ = ["context", "compile_configs"]
 
@@ -84,6 +83,6 @@ def compile_configs() -> List[CompileConfig]:
         sig = {"qkv_ptr": f"*{name}", "cv_ptr": "*fp32", "stride_m": "i32", "q_col": "i32", "k_col": "i32",
                "D": "i32", "H": "i32", "W": "i32", "BT": "constexpr", "BD": "constexpr"}
         for div16, tag in ((("qkv_ptr", "cv_ptr", "stride_m", "k_col", "D"), "packed"), (("qkv_ptr", "cv_ptr"), "qkv")):
-            out.append(AlignedCompileConfig(f"sepattn_context-{name}-{tag}", context_kernel, sig,
-                                            {"BT": 64, "BD": 64}, 4, 3, divisible_by_16=div16))
+            out.append(CompileConfig(f"sepattn_context-{name}-{tag}", context_kernel, sig,
+                                            {"BT": 64, "BD": 64}, 4, 3, aligned=div16))
     return out

@@ -9,6 +9,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the engine sets it (fastmvit.engine.prepare_kernels)
 
+# Every output a kernel launcher allocates starts as NaN (fastmvit.kernels._common.empty_output), so an
+# element a kernel fails to write fails its test, in a kernel test or deep inside a whole model.
+os.environ["FASTMVIT_POISON_OUTPUTS"] = "1"
+
 # Tests must never reach the network (pretrained downloads are tested up to huggingface_hub's API).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

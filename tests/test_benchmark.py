@@ -12,7 +12,7 @@ from torch import nn
 import fastmvit
 from fastmvit.benchmark import cli, engines as E, harness as H, kernels as K, peaks as P, report as R
 from fastmvit.benchmark import results as RS, roofline as RL
-from fastmvit.model.blocks import Attention, SeparableAttention
+from fastmvit.model.blocks import Attention
 from fastmvit.variants import VARIANTS
 from tests.kernels.common import DEVICE
 

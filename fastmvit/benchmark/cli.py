@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastmvit bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_matrix(p)
-    p.add_argument("--engines", help=f"engines, comma-separated (default: the quick set; see `bench engines`)")
+    p.add_argument("--engines", help="engines, comma-separated (default: the quick set; see `bench engines`)")
     p.add_argument("--compile", action="store_true", help="add torch.compile: default mode, and reduce-overhead (CUDA graphs) on CUDA")
     p.add_argument("--max-autotune", action="store_true", help="add torch.compile(mode='max-autotune'): minutes")
     p.add_argument("--kernels", action="store_true", help="also run the kernel microbenchmarks (CUDA)")

@@ -152,7 +152,7 @@ class MobileViTv2Step:
         t, stats = gemm.linear(y.reshape(-1, C), self.to_tokens, emit_group_stats=True, rows_per_sample=hw)
         for qkv_w, out_w, fc1_w, fc2_w in self.layers:
             qkv = gemm.linear(t, qkv_w, norm="group", group_stats=stats, rows_per_sample=hw)
-            cv = sepattn.sepattn_context(qkv, d, Ht, Wt, **sepattn.QKV_COLUMNS(d))
+            cv = sepattn.sepattn_context(qkv, d, Ht, Wt, **sepattn.qkv_columns(d))
             t, stats = gemm.linear(qkv[:, d:2 * d], out_w, relu_scale=cv, hw=(Ht, Wt), residual=t,
                                    emit_group_stats=True, rows_per_sample=hw)
             h = gemm.linear(t, fc1_w, norm="group", group_stats=stats, rows_per_sample=hw, act="silu")

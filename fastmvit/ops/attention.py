@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import attention as _kernels
+from ._common import inference_only
 from ..model.blocks import fold_patches, unfold_patches
 
 __all__ = ["patch_attention", "patch_attention_reference"]
@@ -35,9 +36,4 @@ def patch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     return _kernels.patch_attention(qkv, heads)
 
 
-def _no_backward(ctx, grad):
-    raise RuntimeError("fastmvit::patch_attention is inference-only: it has no backward. "
-                       "Run the model under torch.inference_mode() or use the reference path to train.")
-
-
-patch_attention.register_autograd(_no_backward)
+inference_only(patch_attention, "fastmvit::patch_attention")

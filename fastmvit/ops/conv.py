@@ -21,12 +21,14 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastmvit.kernels import conv as _k
 from fastmvit.kernels.dwconv import out_size
 
-from .dwconv import check_nhwc, inference_only
+from fastmvit.kernels._common import empty_output
+
+from ._common import check_nhwc, inference_only
 
 __all__ = ["pack_conv3x3", "conv3x3", "conv3x3_reference"]
 
@@ -82,9 +84,9 @@ def _conv3x3_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, x2: Option
                 stride: int, act: bool, input_nchw: bool) -> torch.Tensor:
     _check(x, w, bias, stride, x2, input_nchw)
     B, H, W, c1, strides = _logical(x, input_nchw)
-    y = x.new_empty((B, out_size(H, stride), out_size(W, stride), w.shape[1]))
+    y = empty_output((B, out_size(H, stride), out_size(W, stride), w.shape[1]), x.dtype, x.device)
     if y.numel():
-        _k.conv3x3_launch(x, strides, H, W, c1, x2, w, bias, y, stride, act, launcher=wrap_triton)
+        _k.conv3x3_launch(x, strides, H, W, c1, x2, w, bias, y, stride, act)
     return y
 
 

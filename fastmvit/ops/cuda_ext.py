@@ -28,7 +28,7 @@ from typing import List, Optional
 
 import torch
 
-from .dwconv import inference_only
+from ._common import inference_only
 
 __all__ = ["available", "extension_status", "dwconv3x3_cuda", "nvcc_check", "KernelResources", "CSRC"]
 

@@ -16,36 +16,14 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastmvit.kernels import dwconv as _k
+from fastmvit.kernels._common import empty_output
 
-__all__ = ["pack_dwconv3x3", "dwconv3x3", "dwconv3x3_reference", "inference_only", "check_nhwc"]
+from ._common import check_nhwc, inference_only
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def inference_only(op, name: str) -> None:
-    """Make ``op`` raise at the forward when autograd would need it, rather than at backward."""
-
-    def setup_context(ctx, inputs, output, **kwargs):
-        raise RuntimeError(f"{name} is inference-only (no backward): call it under torch.inference_mode() "
-                           f"or torch.no_grad(), or detach its inputs")
-
-    def backward(ctx, *grads):  # never reached: setup_context raises first
-        raise RuntimeError(f"{name} has no backward")
-
-    op.register_autograd(backward, setup_context=setup_context)
-
-
-def check_nhwc(name: str, x: torch.Tensor, channels: int | None = None) -> None:
-    """Clear errors for what the NHWC kernels cannot take."""
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected an NHWC activation [B, H, W, C], got shape {list(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{name}: activations must be float32, float16 or bfloat16, got {x.dtype}")
-    if channels is not None and x.shape[-1] != channels:
-        raise ValueError(f"{name}: expected {channels} channels in the last dim, got shape {list(x.shape)}")
+__all__ = ["pack_dwconv3x3", "dwconv3x3", "dwconv3x3_reference"]
 
 
 def _check_vec(name: str, t: torch.Tensor, shape: Tuple[int, ...]) -> None:
@@ -86,9 +64,9 @@ def _dwconv3x3_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, strid
                   act: bool) -> torch.Tensor:
     _check(x, w, bias, stride, dilation)
     B, H, W, C = x.shape
-    y = x.new_empty((B, _k.out_size(H, stride), _k.out_size(W, stride), C))
+    y = empty_output((B, _k.out_size(H, stride), _k.out_size(W, stride), C), x.dtype, x.device)
     if y.numel():
-        _k.dwconv3x3_launch(x, w, bias, y, stride, dilation, act, launcher=wrap_triton)
+        _k.dwconv3x3_launch(x, w, bias, y, stride, dilation, act)
     return y
 
 

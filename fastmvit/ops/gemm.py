@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ..kernels import gemm as _k
+from ._common import inference_only
 
 __all__ = ["PackedLinear", "pack_linear", "linear", "linear_reference", "group_stats_reference",
            "finalize_group_stats"]
@@ -125,19 +126,9 @@ def _linear_pool_op(a: Tensor, w: Tensor, n_out: int, bias: Optional[Tensor], re
                    pool=True)
 
 
-def _no_backward(ctx, *grads):
-    raise RuntimeError("fastmvit's fused ops are inference-only: no gradient is defined for them")
-
-
-for _op in (_linear_op, _linear_stats_op, _linear_pool_op):
-    _op.register_autograd(_no_backward)
-
-
-def check_no_grad(*tensors) -> None:
-    """Refuse, with a clear message, a call that would need a gradient through a fused op."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError("fastmvit's fused ops are inference-only: call them under torch.no_grad() / "
-                           "torch.inference_mode(), or detach the inputs")
+for _op, _name in ((_linear_op, "fastmvit::linear"), (_linear_stats_op, "fastmvit::linear_group_stats"),
+                  (_linear_pool_op, "fastmvit::linear_pool")):
+    inference_only(_op, _name)
 
 
 def _row_view(t: Tensor, name: str) -> Tensor:
@@ -172,7 +163,6 @@ def linear(a: Tensor, packed: PackedLinear, *, act: Optional[str] = None, residu
     Returns y [M, N] in a.dtype (row stride packed.out_stride); (y, stats) with emit_group_stats;
     [B, N] float32 with pool.
     """
-    check_no_grad(a, residual, relu_scale)
     a = _row_view(a, "a")
     M, K = a.shape
     if M == 0:

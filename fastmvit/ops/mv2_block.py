@@ -26,12 +26,15 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastmvit.kernels import mv2_block as _k
 from fastmvit.kernels.dwconv import out_size
 
-from .dwconv import check_nhwc, dwconv3x3, inference_only
+from fastmvit.kernels._common import empty_output
+
+from ._common import check_nhwc, inference_only
+from .dwconv import dwconv3x3
 
 __all__ = ["PackedInvertedResidual", "pack_inverted_residual", "inverted_residual", "inverted_residual_unfused",
            "inverted_residual_reference", "should_fuse", "fusion_estimate"]
@@ -199,9 +202,9 @@ def _inverted_residual_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w
                           residual: bool) -> torch.Tensor:
     _check(x, w1, b1, wdw, bdw, w3, b3, stride, residual)
     B, H, W, _ = x.shape
-    y = x.new_empty((B, out_size(H, stride), out_size(W, stride), w3.shape[1]))
+    y = empty_output((B, out_size(H, stride), out_size(W, stride), w3.shape[1]), x.dtype, x.device)
     if y.numel():
-        _k.inverted_residual_launch(x, w1, b1, wdw, bdw, w3, b3, y, stride, residual, launcher=wrap_triton)
+        _k.inverted_residual_launch(x, w1, b1, wdw, bdw, w3, b3, y, stride, residual)
     return y
 
 

@@ -11,7 +11,8 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ..kernels import pool as _k
-from .gemm import PackedLinear, check_no_grad
+from ._common import inference_only
+from .gemm import PackedLinear
 
 __all__ = ["pool_linear", "classifier", "pool_linear_reference"]
 
@@ -21,15 +22,10 @@ def _pool_linear_op(x: Tensor, w: Tensor, n_classes: int, bias: Optional[Tensor]
     return _k.pool_linear(x, w, n_classes, bias)
 
 
-def _no_backward(ctx, *grads):
-    raise RuntimeError("fastmvit's fused ops are inference-only: no gradient is defined for them")
-
-
-_pool_linear_op.register_autograd(_no_backward)
+inference_only(_pool_linear_op, "fastmvit::pool_linear")
 
 
 def _run(x3: Tensor, packed: PackedLinear) -> Tensor:
-    check_no_grad(x3)
     if x3.shape[-1] != packed.in_features:
         raise ValueError(f"features have {x3.shape[-1]} channels, the classifier expects {packed.in_features}")
     if x3.device != packed.device:

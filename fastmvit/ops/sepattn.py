@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ..kernels import sepattn as _k
-from .gemm import PackedLinear, check_no_grad, pack_linear
+from ._common import inference_only
+from .gemm import PackedLinear, pack_linear
 
 __all__ = ["sepattn_context", "sepattn_context_reference", "pack_qkv", "qkv_columns"]
 
@@ -49,11 +50,7 @@ def _context_op(qkv: Tensor, d: int, height: int, width: int, q_col: int, k_col:
     return _k.context(qkv, d, height, width, q_col, k_col)
 
 
-def _no_backward(ctx, *grads):
-    raise RuntimeError("fastmvit's fused ops are inference-only: no gradient is defined for them")
-
-
-_context_op.register_autograd(_no_backward)
+inference_only(_context_op, "fastmvit::sepattn_context")
 
 
 def _as_rows(qkv: Tensor, H: Optional[int], W: Optional[int]):
@@ -83,7 +80,6 @@ def sepattn_context(qkv: Tensor, d: int, H: Optional[int] = None, W: Optional[in
     Returns cv [B, 4, d] float32: cv[b, i*2+j] = sum_n softmax(q)_n * k_n over the N = H*W/4 pixels
     (2r+i, 2c+j) of sample b, fp32 softmax with max subtraction.
     """
-    check_no_grad(qkv)
     qkv, H, W = _as_rows(qkv, H, W)
     M, C = qkv.shape
     if H % 2 or W % 2 or H <= 0 or W <= 0 or M % (H * W):
