@@ -137,7 +137,7 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
     in registers (BLOCK_K 32 spilled on sm_80)."""
     if interpreting() if interpret is None else interpret:
         bk = triton.next_power_of_2(9 * c1) if flat else min(128, triton.next_power_of_2(max(c1, c2)))
-        bm = min(128, max(16, triton.next_power_of_2(M)))
+        bm = min(512, max(16, triton.next_power_of_2(M)))
         return bm, max(16, min(256, triton.next_power_of_2(cout))), max(16, bk), 4, 1
     fp32 = dtype == torch.float32
     if flat:  # a gather-bound tile: 64 pixels keep it at ~96 registers, so more programs hide latency

@@ -79,7 +79,7 @@ def dwconv_config(C: int, M: int = 1 << 30, interpret: bool | None = None) -> Tu
     give each thread a full vector. The interpreter gets one large tile (its cost is per program), no
     larger than the M output pixels need."""
     if interpreting() if interpret is None else interpret:
-        return min(128, max(16, triton.next_power_of_2(M))), min(triton.next_power_of_2(C), 256), 4
+        return min(512, max(16, triton.next_power_of_2(M))), min(triton.next_power_of_2(C), 512), 4
     block_c = min(triton.next_power_of_2(C), 64)
     return max(16, 2048 // block_c), block_c, 4
 

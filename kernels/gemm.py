@@ -324,7 +324,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[in
     """
     if interpreting():
         # The interpreter's cost grows with the number of programs, not their size.
-        return GemmConfig(_pow2(rows or M, 16, 128), _pow2(N, 16, 128), _pow2(K, 16, 128), 4, 1)
+        return GemmConfig(_pow2(rows or M, 16, 512), _pow2(N, 16, 512), _pow2(K, 16, 256), 4, 1)
     if dtype == torch.float32:  # IEEE fp32 dot runs on FMA units
         if pool:  # other tiles let ptxas park a few long-lived values on the stack (sm_80 or sm_90)
             return GemmConfig(32, 64, 32, 8, 2) if aligned else GemmConfig(32, 32, 32, 4, 2)

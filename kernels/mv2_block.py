@@ -100,8 +100,8 @@ def fused_config(cin: int, hidden: int, cout: int, dtype: torch.dtype, M: int = 
     bci = max(16, triton.next_power_of_2(cin))
     bco = max(16, triton.next_power_of_2(cout))
     if interpreting() if interpret is None else interpret:
-        bh = max(16, min(128, triton.next_power_of_2(hidden)))
-        return min(128, max(16, triton.next_power_of_2(M))), bci, bh, bco, 4, 1
+        bh = max(16, min(256, triton.next_power_of_2(hidden)))
+        return min(512, max(16, triton.next_power_of_2(M))), bci, bh, bco, 4, 1
     if dtype == torch.float32:
         return (16, bci, 16, bco, 8, 1) if bco >= 128 else (32, bci, 16, bco, 4, 1)
     return 64, bci, 32, bco, (8 if bco >= 128 else 4), 1

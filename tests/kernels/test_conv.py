@@ -166,3 +166,14 @@ def test_compiles_for_sm90_without_spills():
     for use in compiled_resources(K.__name__, pick):
         assert use["stack"] == 0, use
         assert (use["wgmma"] > 0) == (not use["name"].endswith("fp32")), use
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("c2", [0, 32], ids=["local", "fusion"])
+def test_small_tiles_cover_ragged_edges(monkeypatch, dtype, c2):
+    """Force 16-wide tiles so the grid has several pixel tiles and output-channel tiles (both ragged:
+    35 pixels, 40 channels) and the K loop several (tap, chunk) steps per input."""
+    monkeypatch.setattr(K, "conv3x3_config", lambda *a, **k: (16, 16, 16, 4, 1))
+    x, x2, w, b = make(1, 5, 7, 32, c2, 40, False, dtype)
+    out = run_poisoned(x, x2, w, b, 1, False)
+    check(x, w, b, out, f"small-tiles-{dtype_id(dtype)}", stride=1, act=True, x2=x2, input_nchw=False)

@@ -156,3 +156,13 @@ def test_compiles_for_sm90_without_spills():
     for use in compiled_resources(K.__name__, pick):
         assert use["stack"] == 0, use
         assert use["v4"] > 0, f"{use['name']}: no 16-byte global accesses"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_small_tiles_cover_ragged_edges(monkeypatch, dtype):
+    """Under the interpreter the launch rule picks one tile per op; force 16x16 tiles so the grid has
+    several pixel and channel tiles, each ragged at its end (40 pixels, 40 channels)."""
+    monkeypatch.setattr(K, "dwconv_config", lambda C, M=0, interpret=None: (16, 16, 4))
+    x, w, b = make(2, 9, 7, 40, dtype)
+    kw = dict(stride=2, dilation=2, act=True)
+    check(x, w, b, run_poisoned(x, w, b, **kw), f"small-tiles-{dtype_id(dtype)}", **kw)

@@ -188,3 +188,17 @@ def test_compiles_for_sm90_without_spills():
     for use in compiled_resources(K.__name__, pick):
         assert use["stack"] == 0, use
         assert (use["wgmma"] > 0) == (not use["name"].endswith("fp32")), use
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_small_tiles_cover_ragged_edges(monkeypatch, dtype):
+    """Force 16-pixel tiles and 16-channel hidden chunks: several programs (the last ragged: 35 pixels)
+    and three chunks of the 48 hidden channels accumulated into the projection."""
+    real = K.fused_config
+    monkeypatch.setattr(K, "fused_config", lambda cin, hidden, cout, dtype, M=0, interpret=None:
+                        (16,) + real(cin, hidden, cout, dtype, M, interpret=True)[1:2] + (16,)
+                        + real(cin, hidden, cout, dtype, M, interpret=True)[3:])
+    weights = random_weights(24, 48, 24)
+    x = torch.randn(1, 5, 7, 24, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    p = packed(weights, 1, dtype)
+    check(run_poisoned(x, p), x, weights, 1, dtype, f"small-tiles-{dtype_id(dtype)}")

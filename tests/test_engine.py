@@ -1,0 +1,123 @@
+"""The fused engine end to end: every variant through the Triton kernels (interpreted on the CPU, compiled
+on a GPU) against the plain PyTorch path on the same weights, plus the engine's bookkeeping."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmvit
+from fastmvit.variants import VARIANTS
+
+from .kernels.common import DEVICE, ON_GPU
+from .utils import images, randomize_
+
+SIZE = 256 if ON_GPU else 64   # the issue's sizes: 64x64 under the interpreter, 256x256 on a GPU
+HALF = [torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request):
+    """A variant with random weights and BN statistics: the torch path and the same weights on the engine."""
+    name = request.param
+    ref = randomize_(fastmvit.load(name, pretrained=False, backend="torch"), seed=len(name)).to(DEVICE)
+    fused = fastmvit.load(name, weights=ref.state_dict(), backend="triton", device=DEVICE)
+    return ref, fused
+
+
+def test_float32_logits_match_the_torch_path(pair):
+    ref, fused = pair
+    x = images((2, 3, SIZE, SIZE)).to(DEVICE)
+    with torch.inference_mode():
+        expected, got = ref(x), fused(x)
+    assert got.dtype == torch.float32 and got.shape == (2, 1000)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_precision_logits_point_the_same_way(pair, dtype):
+    ref, fused = pair
+    x = images((2, 3, SIZE, SIZE)).to(DEVICE)
+    half = fastmvit.load(ref.variant.name, weights=ref.state_dict(), backend="triton", device=DEVICE, dtype=dtype)
+    with torch.inference_mode():
+        expected, got = ref(x), half(x.to(dtype))
+    assert got.dtype == dtype
+    assert F.cosine_similarity(got.float(), expected, dim=1).min() >= 0.999
+
+
+@pytest.mark.parametrize("name,size,numerics", [
+    ("xxs", (96, 80), "cvnets"),       # v1: 3x5 / 6x5 maps -> resize around the transformer
+    ("v2-0.5", (96, 80), "cvnets"),    # v2: odd block inputs enlarged and kept (align_corners=True)
+    ("v2-0.5", (96, 80), "hf"),        # v2: HF drops the odd row/column and folds zeros back
+    ("xs", (64, 96), "hf"),            # HF's post-scaled attention: same kernel, within float rounding
+])
+def test_odd_maps_and_numerics(name, size, numerics):
+    ref = randomize_(fastmvit.load(name, pretrained=False, backend="torch", numerics=numerics), seed=2).to(DEVICE)
+    fused = fastmvit.load(name, weights=ref.state_dict(), backend="triton", numerics=numerics, device=DEVICE)
+    x = images((2, 3, *size)).to(DEVICE)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), ref(x), rtol=0, atol=1e-3)
+
+
+def test_headless_model_returns_pooled_features():
+    ref = randomize_(fastmvit.load("xxs", pretrained=False, backend="torch", num_classes=0), seed=3).to(DEVICE)
+    fused = fastmvit.load("xxs", weights=ref.state_dict(), num_classes=0, backend="triton", device=DEVICE)
+    x = images((2, 3, 64, 64)).to(DEVICE)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), ref(x), rtol=0, atol=1e-3)
+
+
+def test_engine_is_rebuilt_when_weights_or_dtype_change():
+    model = randomize_(fastmvit.load("xxs", pretrained=False, backend="triton", device=DEVICE), seed=4)
+    x = images((1, 3, 64, 64)).to(DEVICE)
+    with torch.inference_mode():
+        first = model(x)
+        other = randomize_(fastmvit.load("xxs", pretrained=False), seed=5).state_dict()
+        model.load_state_dict(other)               # new weights: the packed ones must not be reused
+        model.backend = "torch"
+        expected = model(x)
+        model.backend = "triton"
+        second = model(x)
+        torch.testing.assert_close(second, expected, rtol=0, atol=1e-3)
+        assert (second - first).abs().max() > 1e-2
+        model.half()                                # a cast rebuilds for the new dtype
+        assert model(x.half()).dtype == torch.float16
+
+
+def test_backends():
+    model = fastmvit.load("xxs", pretrained=False)
+    assert model.backend == "auto" and "backend='auto'" in repr(model).splitlines()[0] + repr(model)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.backend = "cuda"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastmvit.load("xxs", pretrained=False, backend="tensorrt")
+
+
+def test_auto_backend_keeps_cpu_tensors_on_the_torch_path(monkeypatch):
+    model = fastmvit.load("xxs", pretrained=False)
+    monkeypatch.setattr(type(model._engines), "runner", lambda *a: pytest.fail("engine used on the CPU"))
+    with torch.inference_mode():
+        assert model(images((1, 3, 64, 64))).shape == (1, 1000)
+
+
+def test_gradients_are_refused_on_the_engine_path():
+    model = fastmvit.load("xxs", pretrained=False, backend="triton", device=DEVICE)
+    with pytest.raises(RuntimeError, match="inference-only.*backend='torch'"):
+        model(images((1, 3, 64, 64)).to(DEVICE).requires_grad_())
+    model.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(images((1, 3, 64, 64)).to(DEVICE))
+
+
+def test_bad_input_is_checked_before_the_engine():
+    model = fastmvit.load("xxs", pretrained=False, backend="triton", device=DEVICE)
+    with pytest.raises(fastmvit.InputError, match="3 colour channels"):
+        model(torch.rand(1, 4, 64, 64, device=DEVICE))
+
+
+def test_copies_start_without_an_engine():
+    import copy
+
+    model = fastmvit.load("xxs", pretrained=False, backend="triton", device=DEVICE)
+    with torch.inference_mode():
+        model(images((1, 3, 64, 64)).to(DEVICE))
+    clone = copy.deepcopy(model)
+    assert len(clone._engines._runners) == 0 and len(model._engines._runners) == 1
