@@ -4,7 +4,8 @@ each costs there: registers, spills (stack) and shared memory per thread block.
     python -m fastmvit.kernels check [--arch 90 80] [--only NAME] [--json FILE]
 
 Fails (exit 1) on a compile error or a register spill. The interpreter that runs the kernels on the CPU
-enforces none of tl.dot's shape rules, power-of-two blocks or register limits; this does.
+enforces none of tl.dot's shape rules, power-of-two blocks or register limits; this does. Where nvcc is
+installed, the CUDA C++ kernels of csrc/ are compiled and reported too.
 """
 from __future__ import annotations
 
@@ -124,6 +125,29 @@ def run_checks(archs=(90, 80), only: Optional[str] = None, jobs: Optional[int] =
         return list(pool.map(_compile_one, *zip(*tasks))) if tasks else []
 
 
+def check_csrc(archs=(90, 80)) -> List[Result]:
+    """The CUDA C++ kernels of csrc/ compiled with the system nvcc (no torch needed): their registers and
+    spills beside the Triton ones. Nothing when nvcc or the sources are absent (an installed wheel)."""
+    from fastmvit.ops import cuda_ext
+
+    if not cuda_ext.nvcc_path():
+        return []
+    results = []
+    for arch in archs:
+        start = time.perf_counter()
+        try:
+            kernels = cuda_ext.nvcc_check(arch=f"sm_{arch}")
+        except FileNotFoundError:
+            return []
+        except RuntimeError as e:
+            results.append(Result("csrc", "dwconv.cu", arch, False, error=str(e)[:300]))
+            continue
+        seconds = (time.perf_counter() - start) / len(kernels)
+        results += [Result("csrc", k.name, arch, not k.spills, k.registers, k.stack_bytes, k.shared_bytes,
+                           error="register spill" if k.spills else "", seconds=seconds) for k in kernels]
+    return results
+
+
 def format_results(results: List[Result]) -> str:
     lines = [f"{'kernel':<58} {'sm':>3} {'regs':>5} {'spill':>6} {'smem':>7}  status"]
     for r in results:
@@ -144,6 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
     args = parser.parse_args(argv)
     results = run_checks(tuple(args.arch), args.only, args.jobs)
+    if not args.only or args.only in "csrc":
+        results += check_csrc(tuple(args.arch))
     print(format_results(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -121,3 +121,27 @@ def test_copies_start_without_an_engine():
         model(images((1, 3, 64, 64)).to(DEVICE))
     clone = copy.deepcopy(model)
     assert len(clone._engines._runners) == 0 and len(model._engines._runners) == 1
+
+
+def test_depthwise_choice(monkeypatch):
+    from fastmvit.engine.plan import depthwise_impl
+    from fastmvit.ops import cuda_ext
+
+    assert depthwise_impl() == "triton"
+    monkeypatch.setenv("FASTMVIT_DWCONV", "cudnn")
+    with pytest.raises(ValueError, match="'triton' or 'cuda'"):
+        depthwise_impl()
+    monkeypatch.setenv("FASTMVIT_DWCONV", "cuda")
+    if not cuda_ext.available():
+        with pytest.raises(RuntimeError, match="the CUDA extension is not built"):
+            depthwise_impl()
+    else:
+        assert depthwise_impl() == "cuda"
+
+
+def test_info_names_a_backend_for_every_op():
+    from fastmvit.info import collect_info
+
+    backends = collect_info()["op backends"]
+    assert "fastmvit::patch_attention" in backends["v1 unfold + attention + fold"]
+    assert "fastmvit::dwconv3x3" in backends["depthwise 3x3 + BN + SiLU"]

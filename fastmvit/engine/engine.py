@@ -23,7 +23,7 @@ def prepare_kernels(device: torch.device) -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return
-    if any(name.startswith("fastmvit.kernels.") and name != "fastmvit.kernels._common" for name in sys.modules):
+    if "fastmvit.kernels._common" in sys.modules:  # every kernel module (and its @triton.jit helpers) imports it
         raise RuntimeError("backend='triton' on CPU tensors runs the kernels under the Triton interpreter, which "
                            "must be chosen before they are imported: set TRITON_INTERPRET=1 at the start of "
                            "the process (the kernels were already imported for a GPU here)")

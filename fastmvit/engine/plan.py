@@ -8,6 +8,7 @@ extension). The module tree stays the source of truth: nothing here reads a chec
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, List
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from ..model.blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
 from ..model.layers import ConvNormAct
-from ..ops import attention, conv, dwconv, gemm, mv2_block, pool, sepattn
+from ..ops import attention, conv, cuda_ext, dwconv, gemm, mv2_block, pool, sepattn
 from .fold import fold_bn
 
 Step = Callable[[torch.Tensor], torch.Tensor]
@@ -23,6 +24,18 @@ Step = Callable[[torch.Tensor], torch.Tensor]
 
 def _folded(m: ConvNormAct):
     return fold_bn(m.conv.weight, m.bn)
+
+
+def depthwise_impl() -> str:
+    """The depthwise 3x3 the engine launches: "triton" (fastmvit::dwconv3x3), or "cuda" (the CUDA C++
+    kernel of csrc/, fastmvit::dwconv3x3_cuda) when FASTMVIT_DWCONV=cuda and the extension is built. Triton
+    stays the default until a GPU measurement shows the CUDA kernel faster (none could be made yet)."""
+    choice = os.environ.get("FASTMVIT_DWCONV", "triton")
+    if choice not in ("triton", "cuda"):
+        raise ValueError(f"FASTMVIT_DWCONV must be 'triton' or 'cuda', got {choice!r}")
+    if choice == "cuda" and not cuda_ext.available():
+        raise RuntimeError(f"FASTMVIT_DWCONV=cuda, but the CUDA extension is {cuda_ext.extension_status()}")
+    return choice
 
 
 def _interpolate_nhwc(x: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
@@ -50,6 +63,7 @@ class InvertedResidualStep:
                                                       residual=m.has_residual)
         self.expand = gemm.pack_linear(w1, b1, dtype=dtype, device=device)
         self.dw_w, self.dw_b = dwconv.pack_dwconv3x3(wd, bd)
+        self.depthwise = cuda_ext.dwconv3x3_cuda if depthwise_impl() == "cuda" else dwconv.dwconv3x3
         self.project = gemm.pack_linear(w3, b3, dtype=dtype, device=device)
         self.residual = m.has_residual
 
@@ -64,7 +78,7 @@ class InvertedResidualStep:
         B, H, W, C = x.shape
         rows = x.reshape(-1, C)
         h = gemm.linear(rows, self.expand, act="silu").reshape(B, H, W, -1)
-        h = dwconv.dwconv3x3(h, self.dw_w, self.dw_b, stride=self.stride, act=True)
+        h = self.depthwise(h, self.dw_w, self.dw_b, stride=self.stride, act=True)
         _, OH, OW, hidden = h.shape
         y = gemm.linear(h.reshape(-1, hidden), self.project, residual=rows if self.residual else None)
         return y.reshape(B, OH, OW, -1)
@@ -124,6 +138,7 @@ class MobileViTv2Step:
             w, b, norm_weight=None if norm is None else norm.weight,
             norm_bias=None if norm is None else norm.bias, dtype=dtype, device=device)
         self.dw_w, self.dw_b = dwconv.pack_dwconv3x3(*_folded(m.conv_kxk))
+        self.depthwise = cuda_ext.dwconv3x3_cuda if depthwise_impl() == "cuda" else dwconv.dwconv3x3
         self.to_tokens = pack(m.conv_1x1.weight)
         self.d = m.conv_1x1.weight.shape[0]
         self.layers = [(sepattn.pack_qkv(t.attn.qkv_proj.weight, t.attn.qkv_proj.bias, norm_weight=t.norm1.weight,
@@ -144,7 +159,7 @@ class MobileViTv2Step:
             x = _interpolate_nhwc(x, (math.ceil(H / 2) * 2, math.ceil(W / 2) * 2), align_corners=True)
             B, H, W, C = x.shape
             odd = False
-        y = dwconv.dwconv3x3(x, self.dw_w, self.dw_b, stride=1, act=True)
+        y = self.depthwise(x, self.dw_w, self.dw_b, stride=1, act=True)
         if odd:  # Hugging Face: the transformer sees the even part; fold leaves zeros in the rest
             y = y[:, : H // 2 * 2, : W // 2 * 2].contiguous()
         Ht, Wt = y.shape[1:3]

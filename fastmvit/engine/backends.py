@@ -1,0 +1,34 @@
+"""Which implementation runs each op of the fused forward, for ``python -m fastmvit info``."""
+from __future__ import annotations
+
+from typing import Dict
+
+from .graphs import DEFAULT_MAX_BATCH
+
+
+def extension_status() -> str:
+    from ..ops import cuda_ext
+
+    return cuda_ext.extension_status()
+
+
+def op_backends() -> Dict[str, str]:
+    """op -> what runs it on a CUDA tensor (backend="auto"); CPU tensors run the plain PyTorch modules."""
+    from ..ops import cuda_ext
+
+    cuda_dw = ("built; selected with FASTMVIT_DWCONV=cuda (the default stays Triton until a GPU measurement "
+               "shows the CUDA kernel faster)" if cuda_ext.available() else "not built")
+    return {
+        "stem, v1 local and fusion 3x3 convs": "triton fastmvit::conv3x3 (implicit GEMM; fusion reads [x, y] "
+                                               "without a concatenation)",
+        "inverted residual (MV2)": "triton fastmvit::inverted_residual (one kernel) where "
+                                   "ops.mv2_block.should_fuse says so, else linear + dwconv3x3 + linear",
+        "depthwise 3x3 + BN + SiLU": f"triton fastmvit::dwconv3x3 (CUDA C++ fastmvit::dwconv3x3_cuda: {cuda_dw})",
+        "1x1 convs, linears (+BN, LN/GN, SiLU, residual)": "triton fastmvit::linear (fused prologues/epilogues)",
+        "v1 unfold + attention + fold": "triton fastmvit::patch_attention",
+        "v2 separable attention": "triton fastmvit::sepattn_context + fastmvit::linear (relu-scale prologue)",
+        "global pool + classifier": "triton fastmvit::linear_pool (v1) / fastmvit::pool_linear (v2)",
+        "odd-size resize (rare)": "torch F.interpolate",
+        "CUDA graphs": f"batches up to {DEFAULT_MAX_BATCH} (load(..., cuda_graphs=False) turns them off)",
+        "CPU tensors": "plain PyTorch modules (backend='triton' forces the kernels, interpreted)",
+    }
