@@ -15,13 +15,21 @@ TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 
 
 def launch(kernel, grid, *args, **meta) -> None:
-    """``wrap_triton(kernel)[grid](*args, **meta)``: traceable by torch.compile and CUDA graphs. Under the
-    interpreter with fake tensors (opcheck, torch.compile's shape propagation on the CPU) nothing runs:
-    torch needs only the outputs' metadata, and the interpreter cannot read fake data."""
-    from torch._subclasses.fake_tensor import FakeTensor
+    """``wrap_triton(kernel)[grid](*args, **meta)``: traceable by torch.compile and CUDA graphs.
 
-    if interpreting() and any(isinstance(t, FakeTensor) for t in args):
-        return
+    Under the interpreter a kernel cannot be traced into a graph: with fake tensors (opcheck, shape
+    propagation) nothing runs, since torch needs only the outputs' metadata; a functional trace (the
+    graph torch.compile would run) is refused, because skipping the kernel there would leave its output
+    unwritten in the compiled graph."""
+    if interpreting():
+        from torch._subclasses.fake_tensor import FakeTensor, is_fake
+
+        tensors = [t for t in args if isinstance(t, torch.Tensor)]
+        if any(isinstance(t, FakeTensor) for t in tensors):
+            return
+        if any(is_fake(t) for t in tensors):
+            raise RuntimeError("interpreted Triton kernels (TRITON_INTERPRET=1) cannot be traced by "
+                               "torch.compile; compile fastmvit's engine on a GPU")
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 

@@ -145,3 +145,50 @@ def test_info_names_a_backend_for_every_op():
     backends = collect_info()["op backends"]
     assert "fastmvit::patch_attention" in backends["v1 unfold + attention + fold"]
     assert "fastmvit::dwconv3x3" in backends["depthwise 3x3 + BN + SiLU"]
+
+
+def test_torch_compile_of_the_interpreted_engine_is_refused():
+    if ON_GPU:
+        pytest.skip("on a GPU the engine compiles (test_torch_compile_matches_the_engine)")
+    model = fastmvit.load("xxs", pretrained=False, backend="triton")
+    with torch.inference_mode(), pytest.raises(Exception, match="needs CUDA tensors|cannot be traced by torch.compile"):
+        torch.compile(model)(images((1, 3, 64, 64)))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+def test_torch_compile_matches_the_engine():
+    model = randomize_(fastmvit.load("s", pretrained=False, device="cuda", dtype=torch.float16), seed=6)
+    x = images((4, 3, 256, 256)).cuda().half()
+    with torch.inference_mode():
+        model.cuda_graphs = False
+        expected = model(x)                      # also builds the engine before tracing
+        got = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-3)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+def test_cuda_graph_replays_match_across_shapes_and_threads():
+    import threading
+
+    ref = randomize_(fastmvit.load("xxs", pretrained=False, device="cuda"), seed=7)
+    graphed = fastmvit.load("xxs", weights=ref.state_dict(), device="cuda")
+    ref.cuda_graphs = False
+    shapes = [(1, 3, 256, 256), (4, 3, 256, 256), (1, 3, 224, 160), (1, 3, 256, 256)]
+    errors = []
+
+    def worker(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        with torch.inference_mode():
+            for i in range(12):
+                x = torch.rand(shapes[(seed + i) % len(shapes)], device="cuda", generator=g)
+                if (graphed(x) - ref(x)).abs().max().item() > 1e-4:
+                    errors.append((seed, i))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    runner = graphed._engines._runners[(torch.device("cuda", torch.cuda.current_device()), torch.float32)]
+    assert runner.captures == 3  # one graph per distinct input shape

@@ -60,11 +60,21 @@ class EngineCache:
         key = (x.device, x.dtype)
         runner = self._runners.get(key)
         if runner is None:
-            with self._lock:
-                runner = self._runners.get(key)
-                if runner is None:
-                    runner = GraphRunner(Engine(model, x.device, x.dtype), max_batch=model.cuda_graph_max_batch)
-                    self._runners[key] = runner
+            runner = self._build(model, x.device, x.dtype)
+        return runner
+
+    def engine(self, model, x: torch.Tensor) -> Engine:
+        """The engine alone, for torch.compile to trace (it brings its own CUDA graphs: mode="reduce-overhead")."""
+        return self.runner(model, x).fn
+
+    @torch.compiler.disable
+    def _build(self, model, device, dtype) -> GraphRunner:
+        # Packing runs once, eagerly, even when it is first reached inside a torch.compile trace.
+        with self._lock:
+            runner = self._runners.get((device, dtype))
+            if runner is None:
+                runner = GraphRunner(Engine(model, device, dtype), max_batch=model.cuda_graph_max_batch)
+                self._runners[(device, dtype)] = runner
         return runner
 
     def clear(self) -> None:

@@ -156,6 +156,11 @@ class MobileViT(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.stem.conv.weight.requires_grad):
             raise RuntimeError("fastmvit's fused engine is inference-only: run the model under torch.no_grad() "
                                "or torch.inference_mode(), or use backend='torch' to compute gradients")
+        if torch.compiler.is_compiling():  # torch.compile traces the kernels; its own cudagraphs replace ours
+            if not x.is_cuda:
+                raise RuntimeError("torch.compile over fastmvit's fused engine needs CUDA tensors (on the CPU the "
+                                   "kernels are interpreted and cannot be traced); compile with backend='torch'")
+            return self._engines.engine(self, x)(x)
         return self._engines.runner(self, x)(x)
 
     def extra_repr(self) -> str:
