@@ -64,12 +64,14 @@ class EngineCache:
         return runner
 
     def engine(self, model, x: torch.Tensor) -> Engine:
-        """The engine alone, for torch.compile to trace (it brings its own CUDA graphs: mode="reduce-overhead")."""
-        return self.runner(model, x).fn
+        """The engine alone, for torch.compile to trace (it brings its own CUDA graphs: mode="reduce-overhead").
+        Packing runs once, eagerly, even when it is first reached inside the trace (a graph break)."""
+        runner = self._runners.get((x.device, x.dtype))
+        if runner is None:
+            runner = torch.compiler.disable(self._build)(model, x.device, x.dtype)
+        return runner.fn
 
-    @torch.compiler.disable
     def _build(self, model, device, dtype) -> GraphRunner:
-        # Packing runs once, eagerly, even when it is first reached inside a torch.compile trace.
         with self._lock:
             runner = self._runners.get((device, dtype))
             if runner is None:
