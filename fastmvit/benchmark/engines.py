@@ -31,20 +31,9 @@ def reference_weights(variant: str, seed: int = 0) -> Dict[str, torch.Tensor]:
     """Seeded random weights with non-trivial BatchNorm statistics, float32 on the CPU: BatchNorm left at
     its defaults would be an identity and hide a wrongly converted tensor in the parity check."""
     from ..model import MobileViT
+    from ..model.random import randomize_
 
-    g = torch.Generator().manual_seed(seed)
-    model = MobileViT(variant, 1000)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5, generator=g)
-                mod.bias.normal_(0, 0.1, generator=g)
-                mod.running_mean.normal_(0, 0.1, generator=g)
-                mod.running_var.uniform_(0.5, 1.5, generator=g)
-            elif isinstance(mod, (nn.Conv2d, nn.Linear)):
-                mod.weight.normal_(0, mod.weight[0].numel() ** -0.5, generator=g)
-                if mod.bias is not None:
-                    mod.bias.normal_(0, 0.1, generator=g)
+    model = randomize_(MobileViT(variant, 1000), seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
