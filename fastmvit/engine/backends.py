@@ -27,7 +27,8 @@ def op_backends() -> Dict[str, str]:
         "1x1 convs, linears (+BN, LN/GN, SiLU, residual)": "triton fastmvit::linear (fused prologues/epilogues)",
         "v1 unfold + attention + fold": "triton fastmvit::patch_attention",
         "v2 separable attention": "triton fastmvit::sepattn_context + fastmvit::linear (relu-scale prologue)",
-        "global pool + classifier": "triton fastmvit::linear_pool (v1) / fastmvit::pool_linear (v2)",
+        "global pool + classifier": "pooling in the epilogue of the last 1x1 conv (fastmvit::linear_pool), "
+                                    "then fastmvit::pool_linear on the pooled features",
         "odd-size resize (rare)": "torch F.interpolate",
         "CUDA graphs": f"batches up to {DEFAULT_MAX_BATCH} (load(..., cuda_graphs=False) turns them off)",
         "CPU tensors": "plain PyTorch modules (backend='triton' forces the kernels, interpreted)",

@@ -133,7 +133,7 @@ class MobileViTv2Step:
     """v2 block: every GroupNorm(1) is fused into the GEMM after it, its statistics emitted as partial
     sums by the GEMM before it (a split reduction, never a pass of its own)."""
 
-    def __init__(self, m: MobileViTv2Block, dtype, device, hf_odd: bool):
+    def __init__(self, m: MobileViTv2Block, dtype, device, hf_odd: bool, pool_output: bool = False):
         pack = lambda w, b=None, norm=None: gemm.pack_linear(  # noqa: E731
             w, b, norm_weight=None if norm is None else norm.weight,
             norm_bias=None if norm is None else norm.bias, dtype=dtype, device=device)
@@ -151,6 +151,8 @@ class MobileViTv2Step:
         self.proj = pack(wp, bp)
         self.norm = m.norm
         self.hf_odd = hf_odd
+        # The last block hands the head pooled features: its map never reaches memory.
+        self.pool_output = pool_output
 
     def __call__(self, x):
         B, H, W, C = x.shape
@@ -173,17 +175,20 @@ class MobileViTv2Step:
             h = gemm.linear(t, fc1_w, norm="group", group_stats=stats, rows_per_sample=hw, act="silu")
             t, stats = gemm.linear(h, fc2_w, residual=t, emit_group_stats=True, rows_per_sample=hw)
         if not odd:
-            out = gemm.linear(t, self.proj_with_norm, norm="group", group_stats=stats, rows_per_sample=hw)
-            return out.reshape(B, H, W, C)
-        t = F.group_norm(t.reshape(B, Ht, Wt, d).permute(0, 3, 1, 2), 1, self.norm.weight.to(t.dtype),
-                         self.norm.bias.to(t.dtype), self.norm.eps)
-        t = F.pad(t, (0, W - Wt, 0, H - Ht)).permute(0, 2, 3, 1).contiguous()
-        return gemm.linear(t.reshape(-1, d), self.proj).reshape(B, H, W, C)
+            out = gemm.linear(t, self.proj_with_norm, norm="group", group_stats=stats, rows_per_sample=hw,
+                              pool=self.pool_output)
+        else:
+            t = F.group_norm(t.reshape(B, Ht, Wt, d).permute(0, 3, 1, 2), 1, self.norm.weight.to(t.dtype),
+                             self.norm.bias.to(t.dtype), self.norm.eps)
+            t = F.pad(t, (0, W - Wt, 0, H - Ht)).permute(0, 2, 3, 1).contiguous()
+            out = gemm.linear(t.reshape(-1, d), self.proj, rows_per_sample=H * W, pool=self.pool_output)
+        return out if self.pool_output else out.reshape(B, H, W, C)  # pooled: [B, C] float32
 
 
 class Head:
     """v1: the 1x1 expansion conv (+SiLU) with mean pooling in its epilogue, so the widest map never reaches
-    memory, then the classifier. v2: pooling fused with the classifier."""
+    memory, then the classifier. v2: the last block already pooled (in its projection's epilogue): the
+    classifier alone."""
 
     def __init__(self, model, dtype, device):
         self.final = None
@@ -194,18 +199,16 @@ class Head:
             if isinstance(fc, torch.nn.Linear) else None
 
     def __call__(self, x):
-        B, H, W, C = x.shape
         if self.final is not None:
-            pooled = gemm.linear(x.reshape(-1, C), self.final, act="silu", pool=True, rows_per_sample=H * W)
-            return pool.classifier(pooled, self.fc) if self.fc is not None else pooled
-        if self.fc is None:
-            return x.float().mean(dim=(1, 2))
-        return pool.pool_linear(x, self.fc)
+            B, H, W, C = x.shape
+            x = gemm.linear(x.reshape(-1, C), self.final, act="silu", pool=True, rows_per_sample=H * W)
+        return pool.classifier(x, self.fc) if self.fc is not None else x  # x: [B, C] float32 pooled
 
 
 def build_steps(model, device: torch.device, dtype: torch.dtype) -> List[Step]:
     """The model's forward as steps, with weights packed for ``device`` and ``dtype``."""
     hf_odd = model.numerics.v2_odd_size == "hf"
+    last = list(model.stages[-1])[-1]
     steps: List[Step] = [Stem(model.stem, dtype)]
     for stage in model.stages:
         for block in stage:
@@ -214,7 +217,7 @@ def build_steps(model, device: torch.device, dtype: torch.dtype) -> List[Step]:
             elif isinstance(block, MobileViTBlock):
                 steps.append(MobileViTStep(block, dtype, device))
             elif isinstance(block, MobileViTv2Block):
-                steps.append(MobileViTv2Step(block, dtype, device, hf_odd))
+                steps.append(MobileViTv2Step(block, dtype, device, hf_odd, pool_output=block is last))
             else:
                 raise TypeError(f"no fused step for {type(block).__name__}")
     steps.append(Head(model, dtype, device))
