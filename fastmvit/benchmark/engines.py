@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -45,23 +44,10 @@ def make_input(batch: int, size: int, device: torch.device, dtype: torch.dtype,
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def load_keywords() -> set:
-    """The keyword arguments ``fastmvit.load`` accepts: the fused engine adds ``backend`` and
-    ``cuda_graphs``; until it lands, the engines that need them are reported as unavailable."""
-    from .. import load
-
-    return set(inspect.signature(load).parameters)
-
-
 def _fastmvit_model(variant: str, backend: Optional[str], cuda_graphs: Optional[bool]) -> nn.Module:
     from .. import load
 
-    kw = {}
-    accepted = load_keywords()
-    if backend is not None and "backend" in accepted:
-        kw["backend"] = backend
-    if cuda_graphs is not None and "cuda_graphs" in accepted:
-        kw["cuda_graphs"] = cuda_graphs
+    kw = {k: v for k, v in (("backend", backend), ("cuda_graphs", cuda_graphs)) if v is not None}
     return load(variant, reference_weights(variant), pretrained=False, **kw)
 
 
@@ -154,13 +140,8 @@ class Engine:
         """Raise Unavailable when this engine cannot run on ``device`` in ``dtype``."""
         if self.autocast and dtype == "float32":
             raise Unavailable("autocast applies to float16/bfloat16 only")
-        if self.source == "fastmvit":
-            accepted = load_keywords()
-            if self.cuda_graphs is False and device.type != "cuda":
-                raise Unavailable("CUDA graphs exist only on CUDA; on the CPU this is the 'fastmvit' row")
-            if not {"backend", "cuda_graphs"} <= accepted and device.type == "cuda":
-                raise Unavailable("this fastmvit has no fused engine yet (fastmvit.load takes no backend=/"
-                                  "cuda_graphs=); its torch path is the torch-eager row")
+        if self.source == "fastmvit" and self.cuda_graphs is False and device.type != "cuda":
+            raise Unavailable("CUDA graphs exist only on CUDA; on the CPU this is the 'fastmvit' row")
         if self.source in ("timm", "hf"):
             problem = _import_problem("timm" if self.source == "timm" else "transformers")
             if problem:
