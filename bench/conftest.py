@@ -10,7 +10,6 @@ a fastmvit results file (``--bench-json``) that ``python -m fastmvit bench repor
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never reach the network
 

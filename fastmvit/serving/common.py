@@ -6,7 +6,6 @@ Nothing here imports a server library, so both plug-ins and their tests can use 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import io
 import math
 import re
@@ -199,17 +198,6 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
     return _DTYPES[dtype]
 
 
-def _engine_kwargs(device: torch.device) -> dict:
-    """The fused engine's options, for the fastmvit.load() that has them (backend, cuda_graphs)."""
-    params = inspect.signature(_load_fn()).parameters
-    kwargs = {}
-    if "backend" in params:
-        kwargs["backend"] = "auto"
-    if "cuda_graphs" in params and device.type == "cuda":
-        kwargs["cuda_graphs"] = True
-    return kwargs
-
-
 def _load_fn():
     from .. import load
 
@@ -245,13 +233,13 @@ class Classifier:
     @classmethod
     def load(cls, model: str = "s", weights=None, *, pretrained: Union[bool, str] = True, device=None, dtype=None,
              **kwargs) -> "Classifier":
-        """``fastmvit.load(model, weights)`` on ``device`` in ``dtype`` (auto: float16 on a GPU), with the
-        fused engine and CUDA graphs where this fastmvit has them. ``kwargs`` go to ``Classifier``."""
+        """``fastmvit.load(model, weights)`` on ``device`` in ``dtype`` (auto: float16 on a GPU): the fused
+        engine on a GPU, with CUDA graphs at the warmed-up batch sizes. ``kwargs`` go to ``Classifier``."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         net = _load_fn()(model, weights, pretrained=pretrained,
                          num_classes=None if weights is not None else 1000, device=dev, dtype=dt,
-                         **_engine_kwargs(dev))
+                         backend="auto", cuda_graphs=True)
         return cls(net, **kwargs)
 
     @property

@@ -138,7 +138,7 @@ class TritonPythonModel:
             try:
                 images.append(torch.from_numpy(f.result()))
             except RequestError as e:
-                raise RequestError(e.status, e.message if len(futures) == 1 else f"image {i}: {e.message}")
+                raise RequestError(e.status, e.message if len(futures) == 1 else f"image {i}: {e.message}") from None
         return torch.stack(images)
 
     def execute(self, requests) -> List:

@@ -173,7 +173,7 @@ def test_float16_inside_float32_on_the_wire(checkpoint):
         assert torch.equal(got, clf.model(x.half()).float())
 
 
-def test_load_passes_the_engine_options_when_fastmvit_has_them(monkeypatch, checkpoint):
+def test_load_asks_for_the_fused_engine_and_cuda_graphs(monkeypatch, checkpoint):
     seen = {}
 
     def load(name, weights=None, *, pretrained=True, num_classes=1000, numerics="auto", device=None, dtype=None,
@@ -183,5 +183,4 @@ def test_load_passes_the_engine_options_when_fastmvit_has_them(monkeypatch, chec
 
     monkeypatch.setattr(common, "_load_fn", lambda: load)
     Classifier.load(MODEL, checkpoint, device="cpu")
-    assert seen == {"backend": "auto", "cuda_graphs": None, "device": torch.device("cpu"), "dtype": torch.float32}
-    assert common._engine_kwargs(torch.device("cuda")) == {"backend": "auto", "cuda_graphs": True}
+    assert seen == {"backend": "auto", "cuda_graphs": True, "device": torch.device("cpu"), "dtype": torch.float32}
