@@ -7,6 +7,7 @@ extension). The module tree stays the source of truth: nothing here reads a chec
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, List
@@ -36,6 +37,12 @@ def depthwise_impl() -> str:
     if choice == "cuda" and not cuda_ext.available():
         raise RuntimeError(f"FASTMVIT_DWCONV=cuda, but the CUDA extension is {cuda_ext.extension_status()}")
     return choice
+
+
+def _pack_linear(weight, bias=None, norm=None, *, dtype, device) -> gemm.PackedLinear:
+    """A 1x1 conv / linear for ``gemm.linear``, with the affine of the LayerNorm/GroupNorm before it folded in."""
+    return gemm.pack_linear(weight, bias, norm_weight=None if norm is None else norm.weight,
+                            norm_bias=None if norm is None else norm.bias, dtype=dtype, device=device)
 
 
 def _interpolate_nhwc(x: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
@@ -89,9 +96,7 @@ class MobileViTStep:
     per pixel, and the attention kernel reads each 2x2-patch sequence as a strided pixel set."""
 
     def __init__(self, m: MobileViTBlock, dtype, device):
-        pack = lambda w, b=None, norm=None: gemm.pack_linear(  # noqa: E731
-            w, b, norm_weight=None if norm is None else norm.weight,
-            norm_bias=None if norm is None else norm.bias, dtype=dtype, device=device)
+        pack = functools.partial(_pack_linear, dtype=dtype, device=device)
         self.local_w, self.local_b = conv.pack_conv3x3(*_folded(m.conv_kxk), dtype)
         self.to_tokens = pack(m.conv_1x1.weight)
         self.heads = m.transformer[0].attn.heads
@@ -134,9 +139,7 @@ class MobileViTv2Step:
     sums by the GEMM before it (a split reduction, never a pass of its own)."""
 
     def __init__(self, m: MobileViTv2Block, dtype, device, hf_odd: bool, pool_output: bool = False):
-        pack = lambda w, b=None, norm=None: gemm.pack_linear(  # noqa: E731
-            w, b, norm_weight=None if norm is None else norm.weight,
-            norm_bias=None if norm is None else norm.bias, dtype=dtype, device=device)
+        pack = functools.partial(_pack_linear, dtype=dtype, device=device)
         self.dw_w, self.dw_b = dwconv.pack_dwconv3x3(*_folded(m.conv_kxk))
         self.depthwise = cuda_ext.dwconv3x3_cuda if depthwise_impl() == "cuda" else dwconv.dwconv3x3
         self.to_tokens = pack(m.conv_1x1.weight)
