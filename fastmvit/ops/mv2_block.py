@@ -21,6 +21,7 @@ passes the GEMM kernels there. Inference only: asking for a gradient through the
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -135,6 +136,7 @@ def fusion_estimate(cin: int, hidden: int, cout: int, stride: int, *, height: in
     return {"fused": fused, "unfused": unfused}
 
 
+@functools.lru_cache(maxsize=None)  # asked on every forward, for a handful of shapes
 def should_fuse(cin: int, hidden: int, cout: int, stride: int, *, height: Optional[int] = None,
                 width: Optional[int] = None, batch: Optional[int] = None) -> bool:
     """Whether the fused kernel should run this block (16-bit activations; float32 follows the same
