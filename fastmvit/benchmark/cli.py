@@ -171,10 +171,13 @@ def _cmd_run(argv: List[str]) -> int:
     for t in targets:
         print(f"results: {run.save(t)}")
     if args.report:
-        out = write_report(run, args.report)
-        print(f"report: {out['markdown']}" + "".join(f", {p}" for p in out["plots"])
-              + (f" ({out['note']})" if out["note"] else ""))
+        _print_report(write_report(run, args.report))
     return 0
+
+
+def _print_report(out: dict) -> None:
+    print(f"report: {out['markdown']}" + "".join(f", {x}" for x in out["plots"])
+          + (f" ({out['note']})" if out["note"] else ""))
 
 
 def _cmd_report(argv: List[str]) -> int:
@@ -196,8 +199,7 @@ def _cmd_report(argv: List[str]) -> int:
         run.save(args.save)
     out = write_report(run, args.out or Path(args.results[0]).parent, plots=not args.no_plots)
     print(render_terminal(run))
-    print(f"report: {out['markdown']}" + "".join(f", {x}" for x in out["plots"])
-          + (f" ({out['note']})" if out["note"] else ""))
+    _print_report(out)
     return 0
 
 
