@@ -1,14 +1,19 @@
 """The engines fastmvit is compared with, in one table (``ENGINES``).
 
 Every engine runs the same weights: a seeded random state dict in fastmvit's (timm's) layout, converted
-for Hugging Face with ``fastmvit.weights.from_canonical``, so the benchmark can check that every engine
+for Hugging Face with ``fastmvit.weights.from_canonical`` and exported to ONNX (by ``torch.onnx.export``, the
+way their users do it) for the ONNX Runtime and OpenVINO peers, so the benchmark can check that every engine
 computes the same logits. An engine whose library or feature is missing raises ``Unavailable`` with the
 reason; the benchmark reports it and goes on.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -97,6 +102,65 @@ def hf_model(variant: str) -> nn.Module:
     return model.eval()
 
 
+@functools.lru_cache(maxsize=None)
+def _onnx_dir() -> str:
+    path = tempfile.mkdtemp(prefix="fastmvit-bench-onnx-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def exported_onnx(variant: str, batch: int, size: int) -> str:
+    """fastmvit's plain-PyTorch model with the reference weights, exported by ``torch.onnx.export`` for one
+    static input shape: the file both the ONNX Runtime and the OpenVINO peer load."""
+    model = _fastmvit_model(variant, "torch", None)
+    path = f"{_onnx_dir()}/{variant}-{batch}x{size}.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python branches
+        torch.onnx.export(model, (make_input(batch, size, torch.device("cpu"), torch.float32),), path,
+                          dynamo=False, input_names=["images"], output_names=["logits"], opset_version=17)
+    return path
+
+
+def _onnxruntime_fn(path: str):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # default options
+    return lambda x: session.run(None, {"images": x})[0]
+
+
+def _openvino_fn(path: str, dtype: str):
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if dtype == "bfloat16" else "f32"}
+    request = core.compile_model(core.read_model(path), "CPU", config).create_infer_request()
+
+    def run(x):
+        request.infer({0: x}, share_inputs=True)
+        return request.get_output_tensor(0).data.copy()
+
+    return run
+
+
+def _peer_problem(source: str, device: torch.device, dtype: str) -> str:
+    """Why the ONNX Runtime or OpenVINO peer cannot run here ("" when it can)."""
+    if device.type != "cpu":
+        return f"the {source} peer runs on the CPU (its CPU execution provider / plugin)"
+    problem = _import_problem(source) or _import_problem("onnx")
+    if problem:
+        return problem + "; install with `pip install 'fastmvit[cpu]'`"
+    if source == "onnxruntime" and dtype != "float32":
+        return "ONNX Runtime's CPU provider has no float16/bfloat16 convolution kernels"
+    if source == "openvino" and dtype != "float32":
+        import openvino as ov
+
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if dtype != "bfloat16" or "BF16" not in caps:
+            return f"OpenVINO computes in {', '.join(caps)} on this CPU, not {dtype}"
+    return ""
+
+
 class _HFLogits(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -120,7 +184,9 @@ class Engine:
     """One way of running MobileViT.
 
     source: "fastmvit" (``fastmvit.load`` with the engine keywords), "torch" (fastmvit's plain-PyTorch
-    path), "timm" or "hf". Eager engines cast the model to the dtype unless ``autocast``, which keeps
+    path), "timm", "hf", or the peers "onnxruntime" and "openvino" (the torch path exported to ONNX, run
+    with the runtime's CPU defaults; OpenVINO with the LATENCY hint and the row's dtype as its inference
+    precision). Eager engines cast the model to the dtype unless ``autocast``, which keeps
     float32 weights and runs under ``torch.autocast``; ``channels_last`` converts model and input;
     ``compile_mode`` wraps the model in ``torch.compile``. ``warmup``: untimed calls it needs at least
     (compilation, CUDA-graph capture). ``opt_in``: run only when asked for by name or option."""
@@ -142,6 +208,19 @@ class Engine:
             raise Unavailable("autocast applies to float16/bfloat16 only")
         if self.source == "fastmvit" and self.cuda_graphs is False and device.type != "cuda":
             raise Unavailable("CUDA graphs exist only on CUDA; on the CPU this is the 'fastmvit' row")
+        if self.source == "fastmvit" and self.backend in ("onnxruntime", "openvino"):
+            if device.type != "cpu":
+                raise Unavailable(f"fastmvit's {self.backend} engine runs on the CPU")
+            from ..cpu import RUNTIMES, problem
+
+            if problem(self.backend):
+                raise Unavailable(problem(self.backend))
+            if DTYPES[dtype] not in RUNTIMES[self.backend].supported_dtypes():
+                raise Unavailable(f"fastmvit's {self.backend} engine does not compute in {dtype} on this CPU")
+        if self.source in ("onnxruntime", "openvino"):
+            problem = _peer_problem(self.source, device, dtype)
+            if problem:
+                raise Unavailable(problem)
         if self.source in ("timm", "hf"):
             problem = _import_problem("timm" if self.source == "timm" else "transformers")
             if problem:
@@ -149,9 +228,31 @@ class Engine:
         if self.compile_mode == "reduce-overhead" and device.type != "cuda":
             raise Unavailable("mode='reduce-overhead' uses CUDA graphs: CUDA only")
 
+    def runs(self, device: torch.device, dtype: str) -> str:
+        """What this row actually runs on ``device`` in ``dtype``: a 'fastmvit' row is the fused engine, the
+        CPU engine or the plain PyTorch modules depending on both (``fastmvit.engine.dispatch`` decides)."""
+        if self.source != "fastmvit":
+            return self.label
+        from ..engine import FUSED, TORCH, choose_engine
+
+        which = choose_engine(self.backend or "auto", torch.empty(0, device=device, dtype=DTYPES[dtype]))
+        if which == FUSED:
+            return "fastmvit fused kernels" + (", CUDA graphs" if self.cuda_graphs is not False else "")
+        if which == TORCH:
+            return "fastmvit's plain PyTorch modules (no fused or CPU engine for this device and dtype)"
+        from ..cpu import RUNTIMES
+
+        return f"fastmvit's CPU engine on {which} {RUNTIMES[which].version()}"
+
     def build(self, variant: str, batch: int, dtype: str, device: torch.device, size: int = 256) -> Prepared:
         self.check(device, dtype)
         tdtype = DTYPES[dtype]
+        if self.source in ("onnxruntime", "openvino"):
+            path = exported_onnx(variant, batch, size)
+            run = _onnxruntime_fn(path) if self.source == "onnxruntime" else _openvino_fn(path, dtype)
+            x = make_input(batch, size, device, tdtype)
+            # The peers take float32 numpy arrays; the conversion is part of what their users pay.
+            return Prepared(lambda: torch.from_numpy(run(x.float().numpy())).to(tdtype), x)
         if self.source == "fastmvit":
             model = _fastmvit_model(variant, self.backend, self.cuda_graphs)
         elif self.source == "torch":
@@ -194,6 +295,11 @@ def _registry() -> List[Engine]:
                warmup=3),
         Engine("fastmvit-nograph", "fastmvit (fused kernels, no CUDA graphs)", "fastmvit", backend="auto",
                cuda_graphs=False),
+        Engine("fastmvit-onnxruntime", "fastmvit's CPU engine on ONNX Runtime", "fastmvit", backend="onnxruntime"),
+        Engine("fastmvit-openvino", "fastmvit's CPU engine on OpenVINO", "fastmvit", backend="openvino"),
+        # The runtimes a CPU user would pick instead, on the same weights (peers, not fastmvit's engine):
+        Engine("onnxruntime", "ONNX Runtime (CPU provider, defaults)", "onnxruntime"),
+        Engine("openvino", "OpenVINO (CPU, LATENCY hint)", "openvino"),
     ]
     for src, what in (("torch", "eager PyTorch (fastmvit's torch path)"), ("timm", "timm eager"),
                       ("hf", "HF transformers eager")):
@@ -217,7 +323,7 @@ def _registry() -> List[Engine]:
 ENGINES: Dict[str, Engine] = {e.name: e for e in _registry()}
 
 # What runs when nothing is named: the README's quick comparison, and the pytest suites.
-QUICK = {"cpu": ["fastmvit", "hf-eager", "timm-eager"],
+QUICK = {"cpu": ["fastmvit", "torch-eager", "onnxruntime", "openvino", "hf-eager", "timm-eager"],
          "cuda": ["fastmvit", "fastmvit-nograph", "torch-eager", "torch-autocast", "timm-eager", "hf-eager"]}
 COMPILED = ["compile", "compile-reduce-overhead"]
 

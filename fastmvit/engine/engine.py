@@ -9,9 +9,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from .dispatch import BACKENDS
 from .graphs import DEFAULT_MAX_BATCH, GraphRunner
-
-BACKENDS = ("auto", "triton", "torch")
 
 
 def prepare_kernels(device: torch.device) -> None:
@@ -54,6 +53,7 @@ class EngineCache:
 
     def __init__(self):
         self._runners: Dict[Tuple[torch.device, torch.dtype], GraphRunner] = {}
+        self._cpu: Dict[str, "CpuEngine"] = {}  # fastmvit.cpu engines by runtime, dropped with the rest
         self._lock = threading.Lock()
 
     def runner(self, model, x: torch.Tensor) -> GraphRunner:
@@ -79,9 +79,20 @@ class EngineCache:
                 self._runners[(device, dtype)] = runner
         return runner
 
+    def cpu(self, runtime: str) -> "CpuEngine":
+        """The CPU engine on ``runtime`` ("onnxruntime", "openvino"): it builds per input signature itself."""
+        engine = self._cpu.get(runtime)
+        if engine is None:
+            from ..cpu import CpuEngine
+
+            with self._lock:
+                engine = self._cpu.setdefault(runtime, CpuEngine(runtime))
+        return engine
+
     def clear(self) -> None:
         with self._lock:
             self._runners.clear()
+            self._cpu.clear()
 
     # A copied or pickled model starts with an empty cache (locks and CUDA graphs do not copy).
     def __getstate__(self):
@@ -91,12 +102,4 @@ class EngineCache:
         self.__init__()
 
 
-def uses_engine(backend: str, x: torch.Tensor) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    return x.is_cuda  # "auto"
-
-
-__all__ = ["BACKENDS", "DEFAULT_MAX_BATCH", "Engine", "EngineCache", "prepare_kernels", "uses_engine"]
+__all__ = ["BACKENDS", "DEFAULT_MAX_BATCH", "Engine", "EngineCache", "prepare_kernels"]

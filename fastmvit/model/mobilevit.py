@@ -6,7 +6,7 @@ from typing import List
 import torch
 from torch import nn
 
-from ..engine import BACKENDS, DEFAULT_MAX_BATCH, EngineCache, uses_engine
+from ..engine import DEFAULT_MAX_BATCH, FUSED, TORCH, EngineCache, check_backend, choose_engine
 from ..errors import InputError
 from ..variants import Variant, get_variant
 from .blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
@@ -23,10 +23,11 @@ class MobileViT(nn.Module):
     """MobileViT v1 or v2 classifier; ``forward`` takes float NCHW images and returns ``[B, num_classes]``
     logits (or pooled features when ``num_classes == 0``).
 
-    ``backend`` chooses how ``forward`` runs: "auto" (the fused engine on CUDA tensors, the plain PyTorch
-    modules on CPU tensors), "triton" (the engine everywhere; on the CPU under the Triton interpreter,
-    for tests) or "torch" (the reference modules everywhere). ``forward_features`` and ``forward_stages``
-    always run the reference modules. ``cuda_graphs`` replays captured CUDA graphs for batches up to
+    ``backend`` chooses how ``forward`` runs (``fastmvit.engine.dispatch``): "auto" (the fused engine on
+    CUDA tensors, the CPU engine on CPU tensors when a CPU runtime is installed), "triton" (the fused engine
+    everywhere; on the CPU under the Triton interpreter, for tests), "onnxruntime" or "openvino" (the CPU
+    engine on that runtime) or "torch" (the reference modules everywhere). ``forward_features`` and
+    ``forward_stages`` always run the reference modules. ``cuda_graphs`` replays captured CUDA graphs for batches up to
     ``cuda_graph_max_batch`` on the engine path.
     """
 
@@ -68,8 +69,7 @@ class MobileViT(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        check_backend(value)
         self._backend = value
 
     @property
@@ -150,12 +150,15 @@ class MobileViT(nn.Module):
         return self.head.fc(features.mean(dim=(-2, -1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not uses_engine(self.backend, x if isinstance(x, torch.Tensor) else torch.empty(0)):
+        engine = choose_engine(self.backend, x if isinstance(x, torch.Tensor) else torch.empty(0))
+        if engine == TORCH:
             return self.forward_head(self.forward_features(x))
         self.check_input(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.stem.conv.weight.requires_grad):
-            raise RuntimeError("fastmvit's fused engine is inference-only: run the model under torch.no_grad() "
+            raise RuntimeError("fastmvit's engines are inference-only: run the model under torch.no_grad() "
                                "or torch.inference_mode(), or use backend='torch' to compute gradients")
+        if engine != FUSED:
+            return self._engines.cpu(engine).run(self, x)
         if torch.compiler.is_compiling():  # torch.compile traces the kernels; its own cudagraphs replace ours
             if not x.is_cuda:
                 raise RuntimeError("torch.compile over fastmvit's fused engine needs CUDA tensors (on the CPU the "
