@@ -13,6 +13,11 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the engine sets it 
 # element a kernel fails to write fails its test, in a kernel test or deep inside a whole model.
 os.environ["FASTMVIT_POISON_OUTPUTS"] = "1"
 
+# backend="auto" on CPU tensors runs the CPU engine (an ONNX export per model and size) when a runtime is
+# installed. The suite's parity tests compare the plain PyTorch path exactly with each reference, so "auto"
+# runs it here; tests/test_cpu_engine.py tests the CPU engine, and "auto" choosing it, on its own.
+os.environ.setdefault("FASTMVIT_CPU_ENGINE", "torch")
+
 # Tests must never reach the network (pretrained downloads are tested up to huggingface_hub's API).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -10,17 +10,17 @@ import torch
 from .export import exported_onnx, weights_fingerprint
 from .runtimes import RUNTIMES, Compiled, problem
 
-# Built runtimes kept per model and runtime (each holds its own copy of the folded weights). A server
-# that sees many batch sizes on a static-shape runtime recompiles only the least recently used ones.
-MAX_SIGNATURES = 16
+# Built graphs kept per model and runtime, each with its own copy of the weights: a server that sees many
+# image sizes keeps the most recently used ones.
+MAX_SIGNATURES = 8
 
 
 class CpuEngine:
     """``engine.run(model, x)``: CPU images [B, 3, H, W] (already checked by ``model.check_input``) ->
     logits [B, num_classes] in x's dtype, computed by ``runtime`` on the graph exported from ``model``.
 
-    Built per signature (height, width, dtype, numerics, and the batch size for static-shape runtimes);
-    the graph itself is exported once per (height, width, numerics) and cached on disk."""
+    Built per signature (height, width, dtype, numerics; one build serves every batch size), at most
+    MAX_SIGNATURES kept; the graph is exported once per (weights, numerics, height, width) and kept on disk."""
 
     def __init__(self, runtime: str):
         why = problem(runtime)
@@ -37,11 +37,11 @@ class CpuEngine:
                 f"backend={self.runtime.name!r} cannot compute in {x.dtype} on this CPU (it supports "
                 f"{', '.join(map(str, self.runtime.supported_dtypes()))}); use model.float(), or backend='torch' "
                 f"or 'auto' (which run the plain PyTorch modules for this dtype)")
-        B, _, H, W = x.shape
-        key = (H, W, x.dtype, model.numerics) + ((B,) if self.runtime.static_batch else ())
+        H, W = x.shape[-2:]
+        key = (H, W, x.dtype, model.numerics)
         compiled = self._built.get(key)
         if compiled is None:
-            compiled = self._build(model, key, (B, 3, H, W), x.dtype)
+            compiled = self._build(model, key)
         else:
             try:
                 self._built.move_to_end(key)  # most recently used: evicted last
@@ -50,14 +50,14 @@ class CpuEngine:
         out = compiled(x.detach().to(torch.float32).contiguous().numpy())
         return torch.from_numpy(out).to(x.dtype)
 
-    def _build(self, model, key: tuple, shape: tuple, dtype: torch.dtype) -> Compiled:
+    def _build(self, model, key: tuple) -> Compiled:
         with self._lock:
             compiled = self._built.get(key)
             if compiled is None:
                 if self._fingerprint is None:
                     self._fingerprint = weights_fingerprint(model)
-                path = exported_onnx(model, self._fingerprint, shape[2:])
-                compiled = self.runtime.compile(path, shape, dtype)
+                path = exported_onnx(model, self._fingerprint, key[:2])
+                compiled = self.runtime.compile(path, key[2])
                 self._built[key] = compiled
                 while len(self._built) > MAX_SIGNATURES:
                     self._built.popitem(last=False)

@@ -76,6 +76,8 @@ def exported_onnx(model, fingerprint: str, size: Tuple[int, int]) -> str:
         # The tracer warns at every Python decision on a shape (input checks, odd-size branches): each is
         # meant to be fixed per export, which is why height and width are part of the artefact's key.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # The TorchScript exporter is deprecated (see below for why it is used); its notes say so at each call.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         source = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
         example = torch.zeros(2, 3, *size, device="cpu")

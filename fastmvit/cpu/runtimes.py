@@ -1,12 +1,14 @@
 """The CPU runtimes that run fastmvit's exported graph: ONNX Runtime and OpenVINO, behind one small
-interface. ``runtime.compile(onnx_path, shape, dtype)`` builds once; the returned callable maps a float32 NCHW
+interface. ``runtime.compile(onnx_path, dtype)`` builds once; the returned callable maps a float32 NCHW
 numpy batch to a float32 numpy array of logits, and may be called from several threads at once."""
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import threading
-from typing import Callable, Dict, Optional, Tuple
+import warnings
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -19,7 +21,6 @@ INSTALL_HINT = "install it with `pip install 'fastmvit[cpu]'`"
 class Runtime:
     name = ""
     module = ""
-    static_batch = False  # True: one compile per batch size (the shape is fixed), else one for all batches
 
     def problem(self) -> str:
         """Why this runtime cannot run here ("" when it can). Looks for the package without importing it."""
@@ -30,8 +31,8 @@ class Runtime:
     def supported_dtypes(self) -> tuple:
         return (torch.float32,)
 
-    def compile(self, onnx_path: str, shape: Tuple[int, int, int, int], dtype: torch.dtype) -> Compiled:
-        """Build for inputs of ``shape`` (only H and W are fixed unless ``static_batch``), computing in ``dtype``."""
+    def compile(self, onnx_path: str, dtype: torch.dtype) -> Compiled:
+        """Build the graph (fixed height and width, any batch) to compute in ``dtype``."""
         raise NotImplementedError
 
     def version(self) -> str:
@@ -46,7 +47,7 @@ class OnnxRuntime(Runtime):
 
     name, module = "onnxruntime", "onnxruntime"
 
-    def compile(self, onnx_path: str, shape: Tuple[int, int, int, int], dtype: torch.dtype) -> Compiled:
+    def compile(self, onnx_path: str, dtype: torch.dtype) -> Compiled:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -61,12 +62,14 @@ class OnnxRuntime(Runtime):
 
 
 class OpenVino(Runtime):
-    """OpenVINO's CPU plugin with the LATENCY hint, compiled for one static shape (its CPU kernels are
-    faster on static shapes than on a dynamic batch). bfloat16 runs as OpenVINO's bf16 inference precision on
-    CPUs that have bf16 instructions (AVX512-BF16, AMX): float32 in and out, bf16 inside."""
+    """OpenVINO's CPU plugin with the LATENCY hint, compiled once for every batch size (the exported batch
+    axis stays dynamic). Not one compile per static shape: OpenVINO 2026.4 computes fastmvit's v1 graph
+    wrongly when the shape is static and a stage has 2x2 patches (xxs at 64x64: 2% of the largest logit),
+    and a dynamic batch also saves a compile per new batch size.
+    bfloat16 runs as OpenVINO's bf16 inference precision on CPUs with bf16 instructions (AVX512-BF16, AMX):
+    float32 in and out, bf16 inside."""
 
     name, module = "openvino", "openvino"
-    static_batch = True
 
     @functools.lru_cache(maxsize=None)
     def _core(self):
@@ -77,16 +80,14 @@ class OpenVino(Runtime):
     def cpu_capabilities(self) -> tuple:
         return tuple(self._core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
+    @functools.lru_cache(maxsize=None)  # asked on every call
     def supported_dtypes(self) -> tuple:
         return (torch.float32,) + ((torch.bfloat16,) if "BF16" in self.cpu_capabilities() else ())
 
-    def compile(self, onnx_path: str, shape: Tuple[int, int, int, int], dtype: torch.dtype) -> Compiled:
-        core = self._core()
-        model = core.read_model(onnx_path)
-        model.reshape({model.input(0): list(shape)})
+    def compile(self, onnx_path: str, dtype: torch.dtype) -> Compiled:
         config = {"PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32"}
-        compiled = core.compile_model(model, "CPU", config)
+        compiled = self._core().compile_model(onnx_path, "CPU", config)
         local = threading.local()  # an infer request runs one inference at a time: one per thread
 
         def run(x: np.ndarray) -> np.ndarray:
@@ -100,9 +101,10 @@ class OpenVino(Runtime):
 
 
 RUNTIMES: Dict[str, Runtime] = {r.name: r for r in (OpenVino(), OnnxRuntime())}
-# backend="auto" on CPU tensors takes the first of these that is installed and supports the dtype:
-# OpenVINO measured faster than ONNX Runtime on the same exported graph (bench/results/, README).
+# backend="auto" on CPU tensors takes the first of these that is installed and computes in the input's
+# dtype; FASTMVIT_CPU_ENGINE chooses another ("onnxruntime" first) or none ("torch": the plain modules).
 AUTO_ORDER = ("openvino", "onnxruntime")
+ENV = "FASTMVIT_CPU_ENGINE"
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,10 +112,26 @@ def problem(name: str) -> str:
     return RUNTIMES[name].problem()
 
 
-@functools.lru_cache(maxsize=None)
 def auto_runtime(dtype: torch.dtype) -> Optional[str]:
-    """The runtime backend="auto" uses for CPU tensors of ``dtype``, or None (then the torch path runs)."""
-    for name in AUTO_ORDER:
-        if not problem(name) and dtype in RUNTIMES[name].supported_dtypes():
-            return name
-    return None
+    """The runtime backend="auto" uses for CPU tensors of ``dtype``, or None (the torch path runs)."""
+    return _auto_runtime(dtype, os.environ.get(ENV, "auto"))
+
+
+@functools.lru_cache(maxsize=None)  # so each warning below is given once per process
+def _auto_runtime(dtype: torch.dtype, choice: str) -> Optional[str]:
+    if choice == "torch":
+        return None
+    if choice != "auto" and choice not in RUNTIMES:
+        raise ValueError(f"{ENV}={choice!r}: use 'auto', 'torch' or one of {tuple(RUNTIMES)}")
+    order = AUTO_ORDER if choice == "auto" else (choice,) + tuple(r for r in AUTO_ORDER if r != choice)
+    installed = [r for r in order if not problem(r)]
+    if not installed:
+        warnings.warn("fastmvit: no CPU runtime is installed (" + "; ".join(problem(r) for r in order)
+                      + "): CPU tensors run the plain PyTorch modules, several times slower than the CPU "
+                        f"engine (set {ENV}=torch to choose that and silence this)", RuntimeWarning, stacklevel=5)
+        return None
+    if choice != "auto" and problem(choice):
+        warnings.warn(f"{ENV}={choice}: {problem(choice)}; using {installed[0]}", RuntimeWarning, stacklevel=5)
+    # None when no runtime computes in this dtype here (bfloat16 without bf16 instructions, float16,
+    # float64): the torch path then computes in that dtype, as asked.
+    return next((r for r in installed if dtype in RUNTIMES[r].supported_dtypes()), None)

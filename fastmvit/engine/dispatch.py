@@ -4,8 +4,6 @@ called many times): the fused Triton engine here in ``fastmvit.engine``, the CPU
 ``fastmvit.cpu``; the model tree stays the plain reference ("torch")."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "onnxruntime", "openvino")
@@ -50,27 +48,4 @@ def choose_engine(backend: str, x: torch.Tensor) -> str:
         return TORCH
     from ..cpu import auto_runtime
 
-    runtime = auto_runtime(x.dtype)
-    if runtime is None:
-        _say_no_cpu_runtime(x.dtype)
-        return TORCH
-    return runtime
-
-
-_said = set()
-
-
-def _say_no_cpu_runtime(dtype: torch.dtype) -> None:
-    """Once per process and dtype: why CPU tensors run the plain PyTorch modules."""
-    if dtype in _said:
-        return
-    _said.add(dtype)
-    from ..cpu import problem
-
-    problems = [problem(r) for r in CPU_RUNTIMES if problem(r)]
-    if len(problems) == len(CPU_RUNTIMES):
-        warnings.warn("fastmvit: no CPU runtime is installed (" + "; ".join(problems) + "): CPU tensors run the "
-                      "plain PyTorch modules, several times slower than the CPU engine", RuntimeWarning,
-                      stacklevel=4)
-    # Otherwise a runtime is installed but cannot compute in this dtype on this CPU (bfloat16 without
-    # bf16 instructions, float16, float64): the torch path computes in that dtype, as asked.
+    return auto_runtime(x.dtype) or TORCH
