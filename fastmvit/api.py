@@ -48,9 +48,10 @@ def load(
         num_classes: classes of the head; None takes the checkpoint's, 0 returns pooled features.
         numerics: "auto" computes exactly like the implementation the checkpoint came from; or one of
             "cvnets", "timm", "hf", "mmpretrain", or a ``Numerics``.
-        backend: "auto" runs the fused Triton engine on CUDA tensors and the plain PyTorch modules on CPU
-            tensors; "triton" forces the engine (on CPU tensors under TRITON_INTERPRET=1, slow, for
-            tests); "torch" never uses it.
+        backend: "auto" runs the fused Triton engine on CUDA tensors and the CPU engine (``fastmvit.cpu``:
+            OpenVINO, else ONNX Runtime, else the plain modules) on CPU tensors; "triton" forces the fused
+            engine (on CPU tensors under TRITON_INTERPRET=1, slow, for tests); "onnxruntime" or
+            "openvino" force the CPU engine on that runtime; "torch" runs the plain PyTorch modules.
         cuda_graphs: replay CUDA graphs for batches up to ``model.cuda_graph_max_batch`` (32) on the
             engine path.
         device, dtype: where and in which float type to put the model.

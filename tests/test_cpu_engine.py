@@ -242,3 +242,35 @@ def test_bfloat16_where_the_cpu_has_it():
         expected = ref(x)
     assert got.dtype == torch.bfloat16
     assert torch.nn.functional.cosine_similarity(got.float(), expected, dim=1).min() > 0.99
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark's CPU rows: the peers (ONNX Runtime, OpenVINO on the same weights) and the CPU engine
+# --------------------------------------------------------------------------------------------------
+
+def test_benchmark_peers_and_cpu_engine_rows_compute_the_torch_paths_logits():
+    from fastmvit.benchmark import engines as E
+
+    cpu_device = torch.device("cpu")
+    ref = E.ENGINES["torch-eager"].build("xxs", 2, "float32", cpu_device, 64).fn()
+    rows = [n for n in ("onnxruntime", "openvino") if n in INSTALLED]
+    rows += [f"fastmvit-{n}" for n in rows]
+    for name in rows:
+        with torch.inference_mode():
+            _close(E.ENGINES[name].build("xxs", 2, "float32", cpu_device, 64).fn(), ref)
+    assert E.ENGINES["fastmvit"].runs(cpu_device, "float32").startswith(f"fastmvit's CPU engine on {INSTALLED[0]}")
+    assert E.ENGINES["fastmvit"].runs(cpu_device, "float64").startswith("fastmvit's plain PyTorch modules")
+
+
+def test_benchmark_peers_say_why_they_cannot_run(monkeypatch):
+    from fastmvit.benchmark import engines as E
+
+    cpu_device = torch.device("cpu")
+    with pytest.raises(E.Unavailable, match="runs on the CPU"):
+        E.ENGINES["onnxruntime"].check(torch.device("cuda"), "float16")
+    if "onnxruntime" in INSTALLED:
+        with pytest.raises(E.Unavailable, match="no float16/bfloat16"):
+            E.ENGINES["onnxruntime"].check(cpu_device, "bfloat16")
+    monkeypatch.setattr(E, "_import_problem", lambda m: f"{m} is not importable (test)")
+    with pytest.raises(E.Unavailable, match=r"openvino is not importable .*fastmvit\[cpu\]"):
+        E.ENGINES["openvino"].check(cpu_device, "float32")

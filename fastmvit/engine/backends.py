@@ -12,6 +12,18 @@ def extension_status() -> str:
     return cuda_ext.extension_status()
 
 
+def cpu_engine_status() -> str:
+    """What backend="auto" runs on float32 CPU tensors, and why."""
+    import torch
+
+    from ..cpu import AUTO_ORDER, RUNTIMES, auto_runtime, problem
+
+    runtime = auto_runtime(torch.float32)
+    found = ", ".join(f"{r} {RUNTIMES[r].version()}" for r in AUTO_ORDER if not problem(r)) or "none installed"
+    runs = f"the CPU engine on {runtime}" if runtime else "the plain PyTorch modules"
+    return f"{runs} (CPU runtimes: {found}; backend='triton' forces the kernels, interpreted)"
+
+
 def op_backends() -> Dict[str, str]:
     """op -> what runs it on a CUDA tensor (backend="auto"); CPU tensors run the plain PyTorch modules."""
     from ..ops import cuda_ext
@@ -31,5 +43,5 @@ def op_backends() -> Dict[str, str]:
                                     "then fastmvit::pool_linear on the pooled features",
         "odd-size resize (rare)": "torch F.interpolate",
         "CUDA graphs": f"batches up to {DEFAULT_MAX_BATCH} (load(..., cuda_graphs=False) turns them off)",
-        "CPU tensors": "plain PyTorch modules (backend='triton' forces the kernels, interpreted)",
+        "CPU tensors": cpu_engine_status(),
     }
