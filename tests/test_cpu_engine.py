@@ -252,14 +252,16 @@ def test_benchmark_peers_and_cpu_engine_rows_compute_the_torch_paths_logits():
     from fastmvit.benchmark import engines as E
 
     cpu_device = torch.device("cpu")
-    ref = E.ENGINES["torch-eager"].build("xxs", 2, "float32", cpu_device, 64).fn()
+    # 160x160, not 64x64: the OpenVINO peer runs a static-shape graph, which OpenVINO 2026.4 computes
+    # wrongly when a stage has 2x2 patches (64x64, 128x128); the benchmark's error column shows that.
+    ref = E.ENGINES["torch-eager"].build("xxs", 2, "float32", cpu_device, 160).fn()
     rows = [n for n in ("onnxruntime", "openvino") if n in INSTALLED]
     rows += [f"fastmvit-{n}" for n in rows]
     for name in rows:
         with torch.inference_mode():
-            _close(E.ENGINES[name].build("xxs", 2, "float32", cpu_device, 64).fn(), ref)
+            _close(E.ENGINES[name].build("xxs", 2, "float32", cpu_device, 160).fn(), ref)
     assert E.ENGINES["fastmvit"].runs(cpu_device, "float32").startswith(f"fastmvit's CPU engine on {INSTALLED[0]}")
-    assert E.ENGINES["fastmvit"].runs(cpu_device, "float64").startswith("fastmvit's plain PyTorch modules")
+    assert E.ENGINES["fastmvit"].runs(cpu_device, "float16").startswith("fastmvit's plain PyTorch modules")
 
 
 def test_benchmark_peers_say_why_they_cannot_run(monkeypatch):
