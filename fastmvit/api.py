@@ -51,8 +51,8 @@ def load(
         backend: "auto" runs the fused Triton engine on CUDA tensors and the plain PyTorch modules on CPU
             tensors; "triton" forces the engine (on CPU tensors under TRITON_INTERPRET=1, slow, for
             tests); "torch" never uses it.
-        cuda_graphs: replay CUDA graphs for batches up to ``model.cuda_graph_max_batch`` (32) on the
-            engine path.
+        cuda_graphs: replay CUDA graphs on the engine path, for every batch size whose graphs fit the
+            memory budget (``model.cuda_graph_max_batch`` can also cap the batch).
         device, dtype: where and in which float type to put the model.
 
     Returns the model in eval mode. ``model.pretrained_cfg`` records the source, the preprocessing the
