@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastmvit {predict,info,bench,serve} ...``."""
+"""Command line: ``python -m fastmvit {predict,info,bench,serve,warmup} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,12 @@ def _bench(argv: List[str]) -> int:
     return bench_main(argv)
 
 
+def _warmup(argv: List[str]) -> int:
+    from .engine.warmup import main as warmup_main
+
+    return warmup_main(argv)
+
+
 def _serve(argv: List[str]) -> int:
     from .serving.cli import main as serve_main
 
@@ -52,8 +58,8 @@ def _serve(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # bench and serve own their options
-    if argv and argv[0] in ("bench", "serve"):
-        return {"bench": _bench, "serve": _serve}[argv[0]](argv[1:])
+    if argv and argv[0] in ("bench", "serve", "warmup"):
+        return {"bench": _bench, "serve": _serve, "warmup": _warmup}[argv[0]](argv[1:])
 
     parser = argparse.ArgumentParser(prog="python -m fastmvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=_info)
     sub.add_parser("bench", help="compare fastmvit with eager PyTorch on this device (see bench --help)")
     sub.add_parser("serve", help="serve a model over HTTP with LitServe (see serve --help)")
+    sub.add_parser("warmup", help="compile a model's Triton kernels in parallel before the first forward "
+                                  "(see warmup --help)")
     args = parser.parse_args(argv)
     try:
         return args.func(args)
