@@ -204,6 +204,24 @@ def _load_fn():
     return load
 
 
+def _parallel_kernel_warmup(model, batch_sizes, size) -> None:
+    """Compile the engine's kernels in parallel before the serial warm-up forwards; only a speed-up, so a
+    failure is reported and the forwards compile what is left."""
+    import warnings
+
+    from ..engine.warmup import warmup
+
+    try:
+        report = warmup(model, batch_sizes, [tuple(size)])
+    except Exception as e:
+        warnings.warn(f"fastmvit: the parallel kernel warm-up failed ({type(e).__name__}: {e}); the warm-up "
+                      f"forwards compile the kernels one by one instead")
+        return
+    if report.failures:
+        warnings.warn(f"fastmvit: {len(report.failures)} kernel(s) failed to compile in the parallel warm-up, "
+                      f"first: {report.failures[0]}")
+
+
 class Classifier:
     """A fastmvit model behind a server: float32 images in, float32 logits out, whatever runs inside.
 
@@ -276,7 +294,10 @@ class Classifier:
 
     def warmup(self) -> Tuple[int, ...]:
         """Run one forward at every batch size, so the first requests find every kernel compiled, every
-        oneDNN/cuDNN plan chosen and (with the fused engine) every CUDA graph captured."""
+        oneDNN/cuDNN plan chosen and (with the fused engine) every CUDA graph captured. On a GPU the
+        kernels are first compiled in parallel over all cores (``fastmvit.engine.warmup``)."""
+        if self.device.type == "cuda" and getattr(self.model, "backend", "torch") != "torch":
+            _parallel_kernel_warmup(self.model, self.batch_sizes, self.image_shape[1:])
         for b in self.batch_sizes:
             self.forward(torch.full((b,) + self.image_shape, 0.5))
         if self.device.type == "cuda":
