@@ -33,12 +33,14 @@ Faults (``ServingLimits`` in ``fastmvit.serving.faults`` sets the limits):
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Annotated, Dict, List, Optional, Sequence, Tuple, Union
@@ -475,11 +477,17 @@ class ResilientLitServer(ls.LitServer):
         deadline = time.monotonic() + limits.drain_timeout
         self.drain_deadline.value = deadline
         logger.warning("shutting down: finishing admitted requests within %.0f s", limits.drain_timeout)
-        for sock in self._listen_sockets:  # the HTTP processes close their copies: then nothing listens
-            sock.close()
         for uw in uvicorn_workers.values():
             if uw.is_alive() and hasattr(uw, "terminate"):
-                uw.terminate()  # uvicorn: close the port, finish open requests, exit
+                uw.terminate()  # uvicorn: stop accepting, finish open requests, exit
+        # LitServe's queue manager was forked after the port was bound and holds it open too, so the kernel
+        # would go on accepting connections that nobody serves: take the port out of listening for every
+        # process (once the HTTP processes have stopped polling it) so new clients are refused at once.
+        time.sleep(0.3)
+        for sock in self._listen_sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
         for uw in uvicorn_workers.values():
             uw.join(timeout=max(0.1, deadline + 3 - time.monotonic()))
             if uw.is_alive() and hasattr(uw, "kill"):
