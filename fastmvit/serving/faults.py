@@ -54,7 +54,7 @@ class ServingLimits:
     """
 
     body_timeout: float = 30.0
-    queue_timeout: float = 10.0
+    queue_timeout: float = 30.0
     inference_timeout: float = 30.0
     max_queue: int = 256
     drain_timeout: float = 30.0

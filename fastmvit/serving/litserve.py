@@ -212,7 +212,7 @@ class FastMViTAPI(ls.LitAPI):
             self.model_name, self.weights, pretrained=self.pretrained, device=self.device_override or device,
             dtype=self.dtype, input_size=self.input_size, limits=self.limits, batch_sizes=self.batch_sizes)
         self.metrics.warmup(self.classifier.warmup())
-        self._forward = self.classifier.forward
+        self._forward = lambda images: self.classifier.forward(images)
         faults = InjectedFaults.from_env()
         if faults is not None:
             self._forward = faults.wrap(self._forward)
