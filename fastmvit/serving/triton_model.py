@@ -214,7 +214,7 @@ class TritonPythonModel:
             if error is not None:  # one of its images failed: the request fails, alone
                 refusal = refusal_for(error)
                 code = pb_utils.TritonError.UNAVAILABLE if refusal.retry else pb_utils.TritonError.INTERNAL
-                responses[i] = self._error(f"fastmvit: {refusal.message}", code)
+                responses[i] = self._error(self.unusable if refusal.fatal else f"fastmvit: {refusal.message}", code)
                 continue
             responses[i] = pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor.from_dlpack("logits", to_dlpack(logits[span].contiguous())),
