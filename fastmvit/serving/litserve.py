@@ -63,6 +63,13 @@ __all__ = ["FastMViTAPI", "ResilientLitServer", "build_server", "serve"]
 
 logger = logging.getLogger("fastmvit.serving")
 
+# ResilientLitServer builds on these LitServe 0.2 internals; say so plainly if a release drops one
+for _name in ("_start_server", "_start_worker_monitoring", "_perform_graceful_shutdown",
+              "launch_single_inference_worker"):
+    if not hasattr(ls.LitServer, _name):
+        raise ImportError(f"fastmvit's LitServe plug-in needs litserve>=0.2.19,<0.3 (LitServer.{_name} is "
+                          f"missing in litserve {ls.__version__})")
+
 NPY_TYPES = ("application/x-npy", "application/npy")
 
 # What the HTTP process hands the worker for one request: (pixels [3, S, S] float32, top_k).
