@@ -303,6 +303,8 @@ class _Guard:
 
     @staticmethod
     def of(app) -> "_Guard":
+        if getattr(app.state, "fastmvit_server", None) is None:
+            return _NO_GUARD  # FastMViTAPI under a plain LitServer: LitServe's own behaviour
         guard = getattr(app.state, "fastmvit_guard", None)
         if guard is None or guard.pid != os.getpid():  # made in this (forked) HTTP process, on first use
             guard = app.state.fastmvit_guard = _Guard(app.state.fastmvit_server)
@@ -373,6 +375,14 @@ class _Guard:
         headers = {"Retry-After": str(self.limits.retry_after)} if retry else None
         item.response = (HTTPException(status, detail, headers=headers), LitAPIStatus.ERROR)
         item.event.set()
+
+
+class _NoGuard:
+    def admit(self, scope) -> None:
+        pass
+
+
+_NO_GUARD = _NoGuard()
 
 
 class _AdmissionMiddleware:
