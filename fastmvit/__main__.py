@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .errors import FastMViTError
+from .errors import FastMViTError, message_for
 
 
 def _predict(args) -> int:
@@ -50,7 +50,17 @@ def _serve(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. Every command reports a fastmvit error the same way: ``error: ...`` on stderr,
+    with the remedy in the command line's terms, and exit status 2 (as argparse does for bad options)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except FastMViTError as e:
+        print(f"error: {message_for(e, 'cli')}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: List[str]) -> int:
     # bench and serve own their options
     if argv and argv[0] in ("bench", "serve"):
         return {"bench": _bench, "serve": _serve}[argv[0]](argv[1:])
@@ -70,11 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("bench", help="compare fastmvit with eager PyTorch on this device (see bench --help)")
     sub.add_parser("serve", help="serve a model over HTTP with LitServe (see serve --help)")
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except FastMViTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, OptionError
 
 __all__ = [
     "PreprocessConfig", "preprocess_config_for", "load_image", "preprocess", "imagenet_classes", "topk",
@@ -37,11 +37,11 @@ class PreprocessConfig:
 
     def __post_init__(self):
         if self.interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
+            raise OptionError(f"interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
         if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
+            raise OptionError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
         if self.crop_rounding not in ("round", "floor"):
-            raise ValueError(f"crop_rounding must be 'round' or 'floor', got {self.crop_rounding!r}")
+            raise OptionError(f"crop_rounding must be 'round' or 'floor', got {self.crop_rounding!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..engine import BACKENDS, DEFAULT_MAX_BATCH, EngineCache, uses_engine
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..variants import Variant, get_variant
 from .blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
 from .layers import ConvNormAct, Numerics
@@ -34,7 +34,7 @@ class MobileViT(nn.Module):
         super().__init__()
         variant = get_variant(variant)
         if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+            raise OptionError(f"num_classes must be a non-negative int, got {num_classes!r}")
         self.variant = variant
         self.num_classes = num_classes
         self.stem = ConvNormAct(3, variant.stem_channels, 3, stride=2)
@@ -69,7 +69,7 @@ class MobileViT(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+            raise OptionError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
 
     @property
