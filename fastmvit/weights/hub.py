@@ -125,18 +125,19 @@ def _download(pw: PretrainedWeights) -> Tuple[Optional[str], str]:
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    missing = []
+    missing, endpoint = [], _endpoint()
     for filename in pw.filenames:
-        url = huggingface_hub.hf_hub_url(pw.repo_id, filename)
+        url = huggingface_hub.hf_hub_url(pw.repo_id, filename, endpoint=endpoint)
         try:
             huggingface_hub.get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S)
         except EntryNotFoundError:
             missing.append(filename)  # the repository lacks this file: try the next name
             continue
         except Exception as e:  # unreachable, timed out, refused, gated: the other files would fare no better
-            return None, f"the hub at {_endpoint()} did not answer ({_first_line(e)})"
+            return None, f"the hub at {endpoint} did not answer ({_first_line(e)})"
         try:
-            return huggingface_hub.hf_hub_download(pw.repo_id, filename, etag_timeout=HUB_TIMEOUT_S), ""
+            return huggingface_hub.hf_hub_download(pw.repo_id, filename, endpoint=endpoint,
+                                                   etag_timeout=HUB_TIMEOUT_S), ""
         except Exception as e:  # the connection broke during the download, the disk is full, ...
             return None, f"downloading {filename} failed ({_first_line(e)})"
     return None, f"the repository has none of {', '.join(missing)}"
@@ -148,6 +149,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _endpoint() -> str:
+    """The hub huggingface_hub talks to: $HF_ENDPOINT when it was imported, else huggingface.co."""
     from huggingface_hub import constants
 
     return constants.ENDPOINT
