@@ -12,10 +12,11 @@ def _predict(args) -> int:
     import torch
 
     from . import load
+    from .api import parse_device
     from .preprocess import imagenet_classes, preprocess, topk
 
+    device = parse_device(args.device)
     model = load(args.model, args.weights, pretrained=not args.random, num_classes=None if args.weights else 1000)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     cfg = model.pretrained_cfg["preprocess"]
     labels = model.pretrained_cfg.get("labels")
@@ -28,6 +29,12 @@ def _predict(args) -> int:
         for t in top:
             print(f"  {t['score']:6.2%}  {t['label']}  ({t['index']})")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _info(args) -> int:
@@ -72,7 +79,7 @@ def _run(argv: List[str]) -> int:
     p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0, or a timm name")
     p.add_argument("--weights", help="checkpoint file or Hugging Face directory (default: pretrained)")
     p.add_argument("--random", action="store_true", help="random weights (no download); for smoke tests")
-    p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
+    p.add_argument("--top", type=_positive_int, default=5, help="how many classes to print (default 5)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=_predict)
     p = sub.add_parser("info", help="versions, devices, compiled extension and kernel backends")

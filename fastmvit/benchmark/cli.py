@@ -23,6 +23,7 @@ from .peaks import device_peak
 from .report import render_terminal, write_report
 from .results import Result, Run, busy_reasons, environment, finish
 from .roofline import roofline_row
+from ..api import parse_device
 from ..errors import OptionError
 from ..variants import get_variant
 
@@ -36,16 +37,9 @@ def _csv(s: str) -> List[str]:
 
 
 def _device(name: Optional[str]) -> torch.device:
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise OptionError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    device = parse_device(name)
     if device.type not in ("cpu", "cuda"):
         raise OptionError(f"the bench runs on cpu or cuda, not {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
     return device
 
 
