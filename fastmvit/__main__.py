@@ -72,7 +72,8 @@ def _run(argv: List[str]) -> int:
     if argv and argv[0] in ("bench", "serve"):
         return {"bench": _bench, "serve": _serve}[argv[0]](argv[1:])
 
-    parser = argparse.ArgumentParser(prog="python -m fastmvit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fastmvit",
+                                     description="fastmvit: MobileViT inference. Every command takes --help.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="classify images and print the top classes")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")

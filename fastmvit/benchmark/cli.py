@@ -64,7 +64,7 @@ def _add_matrix(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastmvit bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fastmvit bench", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_matrix(p)
     p.add_argument("--engines", help="engines, comma-separated (default: the quick set; see `bench engines`)")
