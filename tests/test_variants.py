@@ -1,5 +1,7 @@
 """The variant table: exact parameter counts (design notes section 3 and 5) and name resolution."""
 import pytest
+
+import fastmvit
 import torch
 
 from fastmvit import MobileViT, get_variant, list_models
@@ -37,6 +39,8 @@ def test_aliases(alias, name):
 def test_unknown_name_lists_valid_ones(bad):
     with pytest.raises(ValueError, match="valid names: 'xxs' \\(mobilevit_xxs\\).*'v2-2.0' \\(mobilevitv2_200\\)"):
         get_variant(bad)
+    with pytest.raises(fastmvit.FastMViTError):  # one type for every bad name or option, a ValueError too
+        fastmvit.load(bad, pretrained=False)
 
 
 def test_name_must_be_a_string():
