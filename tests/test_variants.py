@@ -1,9 +1,8 @@
 """The variant table: exact parameter counts (design notes section 3 and 5) and name resolution."""
 import pytest
-
-import fastmvit
 import torch
 
+import fastmvit
 from fastmvit import MobileViT, get_variant, list_models
 from fastmvit.variants import VARIANTS, make_divisible
 
