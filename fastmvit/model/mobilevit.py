@@ -104,7 +104,12 @@ class MobileViT(nn.Module):
         return self
 
     def check_input(self, x) -> None:
-        """Raise a clear error for anything the network cannot take."""
+        """Raise a clear error for anything the network cannot take.
+
+        Values are not checked: NaN or infinite pixels give NaN logits, as in PyTorch, timm and HF. A check
+        would read the whole input and, on a GPU, wait for it on every call (no CUDA-graph replay without a
+        host sync); a caller that cannot trust its input checks ``torch.isfinite(x).all()``. The servers do:
+        a non-finite tensor is refused with a 422 (``fastmvit.serving.common.ImageDecoder.check_images``)."""
         if not isinstance(x, torch.Tensor):
             raise InputError(f"expected a torch.Tensor of images [B, 3, H, W], got {type(x).__name__}")
         if x.dim() != 4:

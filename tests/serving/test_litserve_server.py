@@ -39,6 +39,9 @@ def tensor_bad_inputs():
         "tensor_wrong_dtype": (npy(np.zeros((3, S, S), np.float16)), 422, "float32"),
         "tensor_batch_of_2": (npy(np.zeros((2, 3, S, S), np.float32)), 422, "one image per request"),
         "tensor_empty_batch": (npy(np.zeros((0, 3, S, S), np.float32)), 422, "one image per request"),
+        "tensor_nan": (npy(np.full((3, S, S), np.nan, np.float32)), 422, "NaN or infinite"),
+        "tensor_inf": (npy(np.where(np.eye(S, dtype=bool), np.inf, 0.5).astype(np.float32)[None].repeat(3, 0)), 422,
+                       "NaN or infinite"),
     }
 
 
