@@ -76,6 +76,12 @@ def test_health_turns_ready_only_after_warm_up(server):
     status, text = get(port, "/metrics")
     warmed = prometheus_samples(text, "fastmvit_warmup_forwards_total")
     assert {k: v for k, v in warmed.items()} == {f'batch_size="{b}"': 1.0 for b in (1, 2, 4, 8)}
+    # and the log said so while it happened: what loads, each batch size, then ready
+    log = proc.log_tail(100_000)
+    steps = ["loading xxs (weights ", "loaded xxs in ", "warm-up 1/4: batch 1 ", "warm-up 4/4: batch 8 ",
+             "ready: warm-up of batch sizes 1, 2, 4, 8 took "]
+    at = [log.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), log[-3000:]
 
 
 @pytest.mark.parametrize("name", ["noise.jpg", "gradient.jpg", "tall.png", "stripes.png", "grey.png", "rgba.png"])
