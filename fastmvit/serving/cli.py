@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return triton_main(argv[1:])
     args = _parser().parse_args(argv)
-    from ..errors import FastMViTError
+    from ..errors import FastMViTError, message_for
 
     try:
         limits = InputLimits(args.max_body_bytes, args.max_pixels, args.min_side)
@@ -84,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_ms / 1000, top_k=args.top_k,
               limits=limits, serving_limits=serving_limits)
     except (FastMViTError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message_for(e)}", file=sys.stderr)
         return 2
     except ImportError as e:
         print(f"error: {e}; install the serving extra: pip install 'fastmvit[serve]'", file=sys.stderr)

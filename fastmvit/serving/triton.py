@@ -242,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..errors import FastMViTError
+    from ..errors import FastMViTError, message_for
 
     args = _parser().parse_args(argv)
     try:
@@ -255,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             dtype=args.dtype, input_size=args.input_size, limits=limits, copy_weights=args.copy_weights,
             cpu_threads=args.cpu_threads)
     except (FastMViTError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message_for(e)}", file=sys.stderr)
         return 2
     print(f"wrote {model_dir}; serve it with: tritonserver --model-repository {model_dir.parent}")
     return 0
