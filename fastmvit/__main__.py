@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastmvit {predict,info,bench,serve} ...``."""
+"""Command line: ``python -m fastmvit {predict,evaluate,info,bench,serve} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -6,28 +6,6 @@ import sys
 from typing import List, Optional
 
 from .errors import FastMViTError
-
-
-def _predict(args) -> int:
-    import torch
-
-    from . import load
-    from .preprocess import imagenet_classes, preprocess, topk
-
-    model = load(args.model, args.weights, pretrained=not args.random, num_classes=None if args.weights else 1000)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
-    cfg = model.pretrained_cfg["preprocess"]
-    labels = model.pretrained_cfg.get("labels")
-    labels = imagenet_classes() if labels == "imagenet-1k" else labels
-    batch = preprocess(list(args.images), cfg).to(device)
-    with torch.inference_mode():
-        logits = model(batch)
-    for path, top in zip(args.images, topk(logits, args.top, labels)):
-        print(path)
-        for t in top:
-            print(f"  {t['score']:6.2%}  {t['label']}  ({t['index']})")
-    return 0
 
 
 def _info(args) -> int:
@@ -49,22 +27,24 @@ def _serve(argv: List[str]) -> int:
     return serve_main(argv)
 
 
+def _offline(argv: List[str], command: str) -> int:
+    from .offline import cli
+
+    return (cli.predict_main if command == "predict" else cli.evaluate_main)(argv)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # bench and serve own their options
+    # bench, serve and the offline jobs own their options
     if argv and argv[0] in ("bench", "serve"):
         return {"bench": _bench, "serve": _serve}[argv[0]](argv[1:])
+    if argv and argv[0] in ("predict", "evaluate"):
+        return _offline(argv[1:], argv[0])
 
     parser = argparse.ArgumentParser(prog="python -m fastmvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="classify images and print the top classes")
-    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0, or a timm name")
-    p.add_argument("--weights", help="checkpoint file or Hugging Face directory (default: pretrained)")
-    p.add_argument("--random", action="store_true", help="random weights (no download); for smoke tests")
-    p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.set_defaults(func=_predict)
+    sub.add_parser("predict", help="classify image files, folders, globs or lists; JSONL/CSV out (see predict --help)")
+    sub.add_parser("evaluate", help="top-1/top-5 accuracy on an ImageFolder tree or a labelled list (see evaluate --help)")
     p = sub.add_parser("info", help="versions, devices, compiled extension and kernel backends")
     p.set_defaults(func=_info)
     sub.add_parser("bench", help="compare fastmvit with eager PyTorch on this device (see bench --help)")
