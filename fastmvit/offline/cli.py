@@ -136,7 +136,7 @@ def _run_predict(args) -> int:
 
             batches = ray_predictions(predictor, todo, address=None if args.ray == "local" else args.ray,
                                       model=args.model, weights=args.weights, pretrained=not args.random,
-                                      actors=args.ray_actors)
+                                      actors=args.ray_actors, device=args.device, dtype=args.dtype)
         else:
             batches = predictor(todo)
         progress = Progress(len(todo), mode=args.progress)
