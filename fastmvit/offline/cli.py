@@ -172,7 +172,7 @@ def _run_evaluate(args) -> int:
         result.write_per_class(args.per_class, data)
     print(result.stats.summary(), file=sys.stderr)
     print(result.summary())
-    return 0
+    return 1 if result.stats.skipped else 0
 
 
 def _main(parser: argparse.ArgumentParser, run, argv: List[str]) -> int:

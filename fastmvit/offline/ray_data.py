@@ -15,6 +15,7 @@ single-process job writes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Dict, Iterator, Optional, Sequence
@@ -128,6 +129,8 @@ def ray_predictions(predictor: BatchPredictor, paths: Sequence[str], *, model: s
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # input order out, like the single-process job
+        ctx.enable_progress_bars = False  # fastmvit prints its own progress and summary
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         b = predictor.batch_size
         ds = ray.data.from_items([{"path": p, "position": i} for i, p in enumerate(paths)])
