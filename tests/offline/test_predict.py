@@ -151,12 +151,13 @@ def test_features_resume_drops_rows_past_the_last_line(checkpoint, folder, refer
     keep = [r for r in full[:7]]
     rows = max(r.get("feature_row", -1) for r in keep) + 1
     out.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    with open(feats, "r+b") as f:  # the features of a batch whose lines never made it to the output
-        f.truncate(128 + 4 * full_feats.shape[1] * (rows + 2))
+    with open(feats, "r+b") as f:  # rows whose lines never made it to the output (more than the rest of the job)
+        f.truncate(128 + 4 * full_feats.shape[1] * (len(full_feats) + 3))
     assert _predict(*args, "--resume") == 1
     again, again_feats = _jsonl(out), np.load(feats)
     assert [r["path"] for r in again] == [r["path"] for r in full]
     assert again_feats.shape == full_feats.shape
+    assert os.path.getsize(feats) == 128 + again_feats.nbytes  # a valid .npy, nothing stale past its rows
     for r in again:
         if "error" not in r:
             np.testing.assert_allclose(again_feats[r["feature_row"]], reference[r["path"]][1].numpy(),
