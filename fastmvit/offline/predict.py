@@ -74,11 +74,15 @@ class RunStats:
     wait_s: float = 0.0
     model_s: float = 0.0
     workers: int = 0
+    decoded_by: str = ""  # who decoded, when not this process's DataLoader workers (e.g. "Ray tasks")
     errors: List[Tuple[str, str]] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
         return self.done / self.wall_s if self.wall_s > 0 else 0.0
+
+    def _workers(self) -> str:
+        return {0: "the main process (no workers)", 1: "1 worker"}.get(self.workers, f"{self.workers} workers")
 
     @property
     def bound(self) -> str:
@@ -89,9 +93,10 @@ class RunStats:
         lines = [f"{self.done} images classified, {self.skipped} skipped, of {self.total}, in {self.wall_s:.1f} s "
                  f"({self.images_per_s:.1f} images/s)",
                  f"time: model {self.model_s:.1f} s; waiting for decoded images {self.wait_s:.1f} s; decoding "
-                 f"{self.decode_s:.1f} s summed over {max(self.workers, 1)} "
-                 f"{'worker' if self.workers else 'main process (no workers)'}{'s' if self.workers > 1 else ''}",
-                 f"bound by: {self.bound}" + (" (more --workers may help)" if self.bound == "decode" else "")]
+                 f"{self.decode_s:.1f} s summed over {self.decoded_by or self._workers()}",
+                 ]
+        if not self.decoded_by:  # the model loop's own waits say it; on Ray the cluster's dashboard does
+            lines.append(f"bound by: {self.bound}" + (" (more --workers may help)" if self.bound == "decode" else ""))
         if self.errors:
             lines.append(f"skipped {len(self.errors)} file{'s' if len(self.errors) > 1 else ''}:")
             lines += [f"  {p}: {why}" for p, why in self.errors[:20]]

@@ -121,7 +121,7 @@ def ray_predictions(predictor: BatchPredictor, paths: Sequence[str], *, model: s
 
     if not isinstance(actors, int) or actors < 1:
         raise FastMViTError(f"the number of Ray actors must be a positive int, got {actors!r}")
-    stats = predictor.stats = RunStats(total=len(paths), workers=0)
+    stats = predictor.stats = RunStats(total=len(paths), decoded_by="Ray tasks; model time summed over the actors")
     if not paths:
         return
     started = _init_ray(address)
