@@ -204,3 +204,13 @@ def test_command_line(checkpoint, folder, tmp_path):
     out = r.stdout.splitlines()
     assert out[out.index(str(folder / "notes.jpg")) + 1].startswith("  skipped: ") and "not an image" in r.stdout
     assert sum(line.endswith((".jpg", ".png")) for line in out) == 7
+
+
+def test_ray_option_takes_an_address_only_when_it_looks_like_one():
+    from fastmvit.offline.cli import _split_ray_address
+
+    assert _split_ray_address(["--ray", "photos/", "-o", "x"]) == ["--ray=local", "photos/", "-o", "x"]
+    assert _split_ray_address(["photos/", "--ray"]) == ["photos/", "--ray=local"]
+    assert _split_ray_address(["--ray", "auto", "photos/"]) == ["--ray=auto", "photos/"]
+    assert _split_ray_address(["--ray", "ray://head:10001", "p"]) == ["--ray=ray://head:10001", "p"]
+    assert _split_ray_address(["--ray", "10.0.0.1:6379", "p"]) == ["--ray=10.0.0.1:6379", "p"]
