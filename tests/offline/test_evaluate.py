@@ -94,3 +94,13 @@ def test_label_errors_say_what_is_accepted(tmp_path):
     (tmp_path / "tree" / "n01440764").mkdir(parents=True)
     with pytest.raises(fastmvit.InputError, match="WordNet id"):
         read_labelled(str(tmp_path / "tree"), num_classes=10)
+
+
+def test_imagenet_wnids_in_training_order():
+    from fastmvit.preprocess import imagenet_classes, imagenet_wnids
+
+    wnids = imagenet_wnids()
+    assert len(set(wnids)) == 1000 and all(len(w) == 9 and w[0] == "n" and w[1:].isdigit() for w in wnids)
+    # torchvision/timm sort the ImageNet folders by WordNet id: the training index order is the sorted order
+    assert wnids == sorted(wnids)
+    assert (wnids[0], imagenet_classes()[0]) == ("n01440764", "tench, Tinca tinca")
