@@ -85,9 +85,12 @@ if __name__ == "__main__":  # setuptools runs this file as __main__; the tests i
         ],
         extras_require={
             # transformers: the reference model of the parity tests; matplotlib: the report's plots are tested
-            "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40", "matplotlib>=3.7"],
+            "test": ["pytest>=7", "pytest-xdist>=3.5", "pytest-benchmark>=4", "transformers>=4.40", "matplotlib>=3.7"],
             "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "transformers>=4.40"],
-            "serve": ["litserve>=0.2.10", "tritonclient[http,grpc]>=2.40", "prometheus-client>=0.17"],
+            "serve": ["litserve>=0.2.19,<0.3", "tritonclient[http,grpc]>=2.40", "prometheus-client>=0.17"],
+            # offline jobs: a progress bar on a terminal; Ray Data to run them on a cluster (`predict --ray`)
+            "offline": ["tqdm>=4.60"],
+            "ray": ["tqdm>=4.60", "ray[data]>=2.40"],
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..engine import BACKENDS, DEFAULT_MAX_BATCH, EngineCache, uses_engine
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..variants import Variant, get_variant
 from .blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
 from .layers import ConvNormAct, Numerics
@@ -34,7 +34,7 @@ class MobileViT(nn.Module):
         super().__init__()
         variant = get_variant(variant)
         if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+            raise OptionError(f"num_classes must be a non-negative int, got {num_classes!r}")
         self.variant = variant
         self.num_classes = num_classes
         self.stem = ConvNormAct(3, variant.stem_channels, 3, stride=2)
@@ -69,7 +69,7 @@ class MobileViT(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+            raise OptionError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
 
     @property
@@ -127,7 +127,12 @@ class MobileViT(nn.Module):
         return self
 
     def check_input(self, x) -> None:
-        """Raise a clear error for anything the network cannot take."""
+        """Raise a clear error for anything the network cannot take.
+
+        Values are not checked: NaN or infinite pixels give NaN logits, as in PyTorch, timm and HF. A check
+        would read the whole input and, on a GPU, wait for it on every call (no CUDA-graph replay without a
+        host sync); a caller that cannot trust its input checks ``torch.isfinite(x).all()``. The servers do:
+        a non-finite tensor is refused with a 422 (``fastmvit.serving.common.ImageDecoder.check_images``)."""
         if not isinstance(x, torch.Tensor):
             raise InputError(f"expected a torch.Tensor of images [B, 3, H, W], got {type(x).__name__}")
         if x.dim() != 4:
