@@ -28,10 +28,18 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _describe(a):
+    if isinstance(a, torch.Tensor):
+        return ("tensor", tuple(a.shape), a.stride(), a.storage_offset(), a.dtype, a.device, a.data_ptr())
+    return a
+
+
 @contextlib.contextmanager
-def stubbed_launches() -> Iterator[Dict[str, int]]:
+def stubbed_launches(log: Optional[list] = None) -> Iterator[Dict[str, int]]:
     """Replace ``run`` of every Triton kernel in ``fastmvit.kernels`` by a counter; yields the counts
-    (kernel name -> launches), restored on exit."""
+    (kernel name -> launches), restored on exit. With ``log`` (a list), each launch is also appended as
+    (kernel, arguments with tensors described by shape, strides, offset, dtype, device and data pointer,
+    the keyword arguments: grid, constexprs)."""
     import importlib
     import pkgutil
 
@@ -51,6 +59,8 @@ def stubbed_launches() -> Iterator[Dict[str, int]]:
 
                 def noop(*args, _key=key, **kwargs):
                     counts[_key] = counts.get(_key, 0) + 1
+                    if log is not None:
+                        log.append((_key, tuple(map(_describe, args)), kwargs))
 
                 obj.run = noop
                 patched.append((obj, key))

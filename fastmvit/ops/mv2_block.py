@@ -32,12 +32,12 @@ from torch.library import triton_op
 from fastmvit.kernels import mv2_block as _k
 from fastmvit.kernels.dwconv import out_size
 
-from fastmvit.kernels._common import empty_output
+from fastmvit.kernels._common import empty_output, poisoning
 
 from ._common import check_nhwc, inference_only
 from .dwconv import dwconv3x3
 
-__all__ = ["PackedInvertedResidual", "pack_inverted_residual", "inverted_residual", "inverted_residual_unfused",
+__all__ = ["PackedInvertedResidual", "pack_inverted_residual", "inverted_residual", "inverted_residual_plan", "inverted_residual_unfused",
            "inverted_residual_reference", "should_fuse", "fusion_estimate"]
 
 
@@ -198,16 +198,41 @@ def _check(x, w1, b1, wdw, bdw, w3, b3, stride, residual):
         raise ValueError("inverted_residual: weights and activation must share a device")
 
 
+class FusedPlan:
+    """The fused kernel resolved for one signature: ``plan(x, p)`` allocates y and launches."""
+
+    __slots__ = ("launch", "y_shape", "dtype", "device", "poison", "copy")
+
+    def __init__(self, launch, y_shape, dtype, device, poison, copy=False):
+        self.launch, self.y_shape, self.dtype, self.device, self.poison = launch, y_shape, dtype, device, poison
+        self.copy = copy
+
+    def run(self, x, w1, b1, wdw, bdw, w3, b3, traced: bool = False) -> torch.Tensor:
+        if self.copy:
+            x = x.contiguous()
+        y = empty_output(self.y_shape, self.dtype, self.device, self.poison)
+        if self.launch is not None:
+            (self.launch.traced if traced else self.launch)(x, w1, b1, wdw, bdw, w3, b3, y)
+        return y
+
+    def __call__(self, x: torch.Tensor, p: PackedInvertedResidual, **_) -> torch.Tensor:
+        return self.run(x, p.w1, p.b1, p.wdw, p.bdw, p.w3, p.b3)
+
+
+def _plan(x, w1, b1, wdw, bdw, w3, b3, stride, residual) -> FusedPlan:
+    _check(x, w1, b1, wdw, bdw, w3, b3, stride, residual)
+    B, H, W, _ = x.shape
+    y_shape = (B, out_size(H, stride), out_size(W, stride), w3.shape[1])
+    empty = B * y_shape[1] * y_shape[2] * y_shape[3] == 0
+    launch = None if empty else _k.inverted_residual_plan(x, w1.shape[1], y_shape, stride, residual)
+    return FusedPlan(launch, y_shape, x.dtype, x.device, poisoning())
+
+
 @triton_op("fastmvit::inverted_residual", mutates_args=())
 def _inverted_residual_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, wdw: torch.Tensor,
                           bdw: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, *, stride: int,
                           residual: bool) -> torch.Tensor:
-    _check(x, w1, b1, wdw, bdw, w3, b3, stride, residual)
-    B, H, W, _ = x.shape
-    y = empty_output((B, out_size(H, stride), out_size(W, stride), w3.shape[1]), x.dtype, x.device)
-    if y.numel():
-        _k.inverted_residual_launch(x, w1, b1, wdw, bdw, w3, b3, y, stride, residual)
-    return y
+    return _plan(x, w1, b1, wdw, bdw, w3, b3, stride, residual).run(x, w1, b1, wdw, bdw, w3, b3, traced=True)
 
 
 inference_only(_inverted_residual_op, "fastmvit::inverted_residual")
@@ -224,6 +249,21 @@ def inverted_residual(x: torch.Tensor, p: PackedInvertedResidual, *, fused: Opti
     if x.stride(-1) != 1:
         x = x.contiguous()
     return _inverted_residual_op(x, p.w1, p.b1, p.wdw, p.bdw, p.w3, p.b3, stride=p.stride, residual=p.residual)
+
+
+def inverted_residual_plan(x: torch.Tensor, p: PackedInvertedResidual, *, fused: Optional[bool] = None):
+    """``inverted_residual`` resolved once for an x like this one: called with the same arguments, the
+    fused kernel launches without the op dispatch (the unfused path is returned as it is: its three ops
+    are planned where the engine calls them one by one)."""
+    if fused is None:
+        fused = should_fuse(p.cin, p.hidden, p.cout, p.stride, height=x.shape[1], width=x.shape[2],
+                            batch=x.shape[0])
+    if not fused:
+        return inverted_residual
+    copy = x.stride(-1) != 1
+    plan = _plan(x.contiguous() if copy else x, p.w1, p.b1, p.wdw, p.bdw, p.w3, p.b3, p.stride, p.residual)
+    plan.copy = copy
+    return plan
 
 
 def _expand_torch(x2d, w1, b1):
