@@ -311,7 +311,7 @@ def _pow2(x: int, lo: int, hi: int) -> int:
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[int] = None,
                 norm: bool = False, relu_scale: bool = False, pool: bool = False, aligned: bool = True,
-                sms: int = 132) -> GemmConfig:
+                sms: int = 132, interpret: Optional[bool] = None) -> GemmConfig:
     """Fixed launch rules per shape class (designed for sm_90 and checked there for spills, not timed).
 
     rows: rows per sample when tiles are sample-aligned (EMIT_STATS / POOL); norm (LN / GN) and
@@ -322,7 +322,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[in
     classes are few on purpose (each is one JIT compile at warm-up) and each compiles without spills
     for sm_90, aligned or not, with every flag combination (``compile_configs``).
     """
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         # The interpreter's cost grows with the number of programs, not their size.
         return GemmConfig(_pow2(rows or M, 16, 512), _pow2(N, 16, 512), _pow2(K, 16, 256), 4, 1)
     if dtype == torch.float32:  # IEEE fp32 dot runs on FMA units
