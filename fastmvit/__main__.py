@@ -31,6 +31,10 @@ def _predict(args) -> int:
 
 
 def _info(args) -> int:
+    if args.plan:
+        from .engine.plan_info import main as plan_main
+
+        return plan_main(args.plan, args.batch, args.size, args.dtype, args.resources)
     from .info import collect_info, format_info
 
     print(format_info(collect_info()))
@@ -66,6 +70,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=_predict)
     p = sub.add_parser("info", help="versions, devices, compiled extension and kernel backends")
+    p.add_argument("--plan", metavar="MODEL", help="instead: every kernel the engine launches for MODEL on a GPU "
+                   "(grid, serial steps, latency floor, the fuse rule's estimates); no GPU needed")
+    p.add_argument("--batch", type=int, default=1, help="with --plan (default 1)")
+    p.add_argument("--size", type=int, default=256, help="with --plan: image side (default 256)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="with --plan")
+    p.add_argument("--resources", action="store_true", help="with --plan: compile each kernel for sm_90 and show "
+                   "registers and occupancy (a few seconds per kernel)")
     p.set_defaults(func=_info)
     sub.add_parser("bench", help="compare fastmvit with eager PyTorch on this device (see bench --help)")
     sub.add_parser("serve", help="serve a model over HTTP with LitServe (see serve --help)")

@@ -146,3 +146,32 @@ def test_bench_host_counts_launches_and_restores_the_kernels():
     assert row["launches"] > 20 and row["us_per_forward"] > 0 and row["python_calls"] > row["launches"]
     assert isinstance(gemm.gemm_kernel, KernelInterface) and "run" not in vars(gemm.gemm_kernel)
     assert "xxs" in host.format_rows([row])
+
+
+def test_info_plan_lists_the_gpu_launches_with_grids_and_serial_steps(capsys):
+    """MobileViT-S, batch 1, 256x256 with the GPU's launch rules: the review's independent counts (stage-5
+    fusion conv 3 CTAs x 90 K-steps, pooling GEMM 10 CTAs), one row per launch the engine makes."""
+    from fastmvit.__main__ import main
+    from fastmvit.engine import plan_info
+
+    rows = plan_info.launches("s", 1)
+    convs = [r for r in rows if r["kernel"] == "conv._conv3x3_kernel"]
+    assert (convs[-1]["ctas"], convs[-1]["steps"]) == (3, 90)
+    pooled = [r for r in rows if r["kernel"] == "gemm.gemm_kernel" and r["constexprs"]["POOL"]]
+    assert [r["ctas"] for r in pooled] == [10]
+    for r in rows:
+        assert r["ctas"] == int(torch.tensor(r["grid"]).prod()) and r["steps"] >= 1 and r["latency_us"] > 0
+    blocks = plan_info.fusion_rows("s", 1)
+    assert [b["fused"] for b in blocks] == [True] + [False] * 6 and blocks[-1]["fused_grid"] == "1 x 144"
+    assert len(rows) == 7 + 1 + 6 * 3 + 9 + 43 + 1  # convs, fused block, unfused blocks, attention, GEMMs, pool
+    assert main(["info", "--plan", "xxs", "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "launches" in out and "inverted residual" in out
+
+
+def test_info_plan_resources_compile_a_launch_for_sm90():
+    from fastmvit.engine import plan_info
+
+    row = next(r for r in plan_info.launches("xxs", 1, 64) if r["kernel"] == "gemm.gemm_kernel")
+    (usage,) = plan_info.resources([row])
+    assert usage is not None and usage["registers"] > 0 and usage["stack"] == 0 and 0 < usage["occupancy"] <= 1
