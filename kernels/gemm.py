@@ -211,6 +211,7 @@ def gemm_kernel(
     NORM: tl.constexpr, RELU_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     HAS_RES: tl.constexpr, EMIT_STATS: tl.constexpr, POOL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, A_VEC: tl.constexpr,
+    PAD_STORE: tl.constexpr,
 ):
     """One program per (row tile, column tile); see the module docstring. Grid: POOL -> B * tiles_n;
     EMIT_STATS -> B * tiles_per_sample * tiles_n; otherwise cdiv(M, BM) * tiles_n (column tiles of one
@@ -264,7 +265,12 @@ def gemm_kernel(
             col_sum += tl.sum(tl.where(ok, acc, 0.0), axis=0)
         else:
             y = acc.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + row0 * stride_om + (lrows[:, None] * stride_om + offs_n[None, :]), y, mask=ok)
+            # PAD_STORE: y's rows are padded to stride_om (a multiple of 16; W's padding columns are zero, so
+            # are the values there): masking at the row stride keeps whole 16-byte vectors (v2's qkv, N = 2d+1)
+            st_ok = ok
+            if PAD_STORE:
+                st_ok = row_ok[:, None] & (offs_n < stride_om)[None, :]
+            tl.store(out_ptr + row0 * stride_om + (lrows[:, None] * stride_om + offs_n[None, :]), y, mask=st_ok)
             if EMIT_STATS:
                 # Statistics of the values as stored, so the consumer normalises exactly what it reads.
                 yf = tl.where(ok, y.to(tl.float32), 0.0)
@@ -415,6 +421,7 @@ def gemm_plan(a: torch.Tensor, w: torch.Tensor, n_out: int, *, has_bias: bool = 
         NORM=norm, RELU_SCALE=has_relu_scale, HAS_BIAS=has_bias, ACT=act,
         HAS_RES=residual is not None, EMIT_STATS=emit_stats, POOL=pool,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PRECISION=_precision(a.dtype), A_VEC=is_aligned(a),
+        PAD_STORE=not (pool or emit_stats) and row_stride != N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return GemmPlan(kernel_launch, (B, N) if pool else (M, row_stride), N, not pool and row_stride != N,
                     torch.float32 if pool else a.dtype, (B, 3, tps * tiles_n) if emit_stats else None, a.device,
@@ -498,7 +505,7 @@ def _signature(name: str) -> dict:
                                    "n_slots_in", "hw", "img_w", "tiles_per_sample")})
     sig["eps"] = "fp32"
     sig.update({k: "constexpr" for k in ("NORM", "RELU_SCALE", "HAS_BIAS", "ACT", "HAS_RES", "EMIT_STATS",
-                                         "POOL", "BM", "BN", "BK", "PRECISION", "A_VEC")})
+                                         "POOL", "BM", "BN", "BK", "PRECISION", "A_VEC", "PAD_STORE")})
     return sig
 
 
@@ -542,13 +549,14 @@ def compile_configs(batches=(1, 8, 64, 256), size: int = 256) -> List[CompileCon
                                 HAS_BIAS=c.get("bias", False), ACT=c.get("act", False), HAS_RES=c.get("res", False),
                                 EMIT_STATS=c.get("stats", False), POOL=c.get("pool", False),
                                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PRECISION=_precision(dtype),
-                                A_VEC="a_ptr" in div16)
+                                A_VEC="a_ptr" in div16, PAD_STORE=bool(c.get("qkv")) and not c.get("stats"))
                     key = (name, tuple(sorted(cons.items())), cfg.num_warps, cfg.num_stages, div16)
                     if key in seen:
                         continue
                     flags = [{1: "ln", 2: "gn"}.get(cons["NORM"])] + [
                         tag for k, tag in (("RELU_SCALE", "relu_scale"), ("HAS_BIAS", "bias"), ("ACT", "silu"),
-                                           ("HAS_RES", "res"), ("EMIT_STATS", "stats"), ("POOL", "pool")) if cons[k]]
+                                           ("HAS_RES", "res"), ("EMIT_STATS", "stats"), ("POOL", "pool"),
+                                           ("PAD_STORE", "padstore")) if cons[k]]
                     align = "".join(tag for arg, tag in (("a_ptr", "a"), ("out_ptr", "y"), ("K", "K"), ("N", "N"))
                                     if arg in div16)
                     label = (f"gemm-{name}-{'-'.join(f for f in flags if f) or 'plain'}"
