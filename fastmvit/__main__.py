@@ -9,6 +9,10 @@ from .errors import FastMViTError, message_for
 
 
 def _info(args) -> int:
+    if args.plan:
+        from .engine.plan_info import main as plan_main
+
+        return plan_main(args.plan, args.batch, args.size, args.dtype, args.resources)
     from .info import collect_info, format_info
 
     print(format_info(collect_info()))
@@ -63,6 +67,13 @@ def _run(argv: List[str]) -> int:
     sub.add_parser("predict", help="classify image files, folders, globs or lists; JSONL/CSV out (see predict --help)")
     sub.add_parser("evaluate", help="top-1/top-5 accuracy on an ImageFolder tree or a labelled list (see evaluate --help)")
     p = sub.add_parser("info", help="versions, devices, compiled extension and kernel backends")
+    p.add_argument("--plan", metavar="MODEL", help="instead: every kernel the engine launches for MODEL on a GPU "
+                   "(grid, serial steps, latency floor, the fuse rule's estimates); no GPU needed")
+    p.add_argument("--batch", type=int, default=1, help="with --plan (default 1)")
+    p.add_argument("--size", type=int, default=256, help="with --plan: image side (default 256)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="with --plan")
+    p.add_argument("--resources", action="store_true", help="with --plan: compile each kernel for sm_90 and show "
+                   "registers and occupancy (a few seconds per kernel)")
     p.set_defaults(func=_info)
     sub.add_parser("bench", help="compare fastmvit with eager PyTorch on this device (see bench --help)")
     sub.add_parser("serve", help="serve a model over HTTP with LitServe (see serve --help)")

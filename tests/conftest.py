@@ -18,6 +18,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch.manual_seed(0)
 
+# Every replayed launch plan is checked against its recording (same ops, same tensor layouts).
+from fastmvit.engine.engine import Engine  # noqa: E402  (no kernels imported: they load with the first engine)
+
+Engine.check_replays = True
+
 
 # ---- Running the suite in parallel (pytest-xdist) --------------------------------------------------
 # The whole suite (`python -m pytest tests -q`, what CI runs) is spread over two worker processes: most of

@@ -6,6 +6,7 @@
     python -m fastmvit bench roofline --models s,v2-1.0 --batches 1,256 --dtypes float16
     python -m fastmvit bench kernels              # fused kernels against the eager ops (CUDA)
     python -m fastmvit bench engines              # every engine and whether it can run here
+    python -m fastmvit bench host                 # host (Python) cost per forward, launches stubbed
 """
 from __future__ import annotations
 
@@ -291,7 +292,13 @@ def _cmd_engines(argv: List[str]) -> int:
     return 0
 
 
-COMMANDS = {"report": _cmd_report, "roofline": _cmd_roofline, "kernels": _cmd_kernels, "engines": _cmd_engines,
+def _cmd_host(argv: List[str]) -> int:
+    from .host import main as host_main
+
+    return host_main(argv)
+
+
+COMMANDS = {"host": _cmd_host, "report": _cmd_report, "roofline": _cmd_roofline, "kernels": _cmd_kernels, "engines": _cmd_engines,
             "run": _cmd_run}
 
 
