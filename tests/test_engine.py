@@ -50,7 +50,6 @@ def test_half_precision_logits_match_the_torch_path(pair, dtype):
 
 @pytest.mark.parametrize("name,size,numerics", [
     ("xxs", (96, 80), "cvnets"),       # v1: 6x5 / 3x3 maps -> resize around the transformer
-    ("xs", (80, 112), "cvnets"),       # v1 at another odd shape (5x7 / 3x4)
     ("v2-0.5", (96, 80), "cvnets"),    # v2: odd block inputs enlarged and kept (align_corners=True)
     ("v2-0.5", (96, 80), "hf"),        # v2: HF drops the odd row/column and folds zeros back
     ("xs", (64, 96), "hf"),            # HF's post-scaled attention: same kernel, within float rounding
@@ -68,18 +67,17 @@ def test_odd_maps_and_numerics(name, size, numerics):
 @pytest.mark.parametrize("name", ["xxs", "v2-0.5"])
 def test_batch_rows_follow_their_images(name):
     """Permuting the batch permutes the logits: each row is computed from its own image only (an engine
-    that mixed up rows, or let one image's attention read another's tokens, fails). The batch mixes one
-    image with itself and odd sizes, so per-image offsets are exercised too."""
+    that mixed up rows, or let one image's attention read another's tokens, fails). Odd map sizes, so
+    the resize paths' per-image offsets are exercised too."""
     ref = image_sensitive_(fastmvit.load(name, pretrained=False, backend="torch"), size=80, seed=12).to(DEVICE)
     fused = fastmvit.load(name, weights=ref.state_dict(), backend="triton", device=DEVICE)
     x = images((3, 3, 80, 48), seed=5).to(DEVICE)
     perm = torch.tensor([2, 0, 1])
     with torch.inference_mode():
         out, out_perm = fused(x), fused(x[perm])
-        single = torch.cat([fused(x[i:i + 1]) for i in range(3)])
     assert_matches_torch_path(out, ref, x, name)            # also: the three images are far apart
     assert_matches_torch_path(out_perm, ref, x[perm], f"{name} permuted")
-    assert_matches_torch_path(single, ref, x, f"{name} one image at a time")
+    torch.testing.assert_close(out_perm, out[perm], rtol=0, atol=0)  # same rows, same arithmetic
 
 
 def test_headless_model_returns_pooled_features():
