@@ -77,7 +77,6 @@ def test_batch_rows_follow_their_images(name):
         out, out_perm = fused(x), fused(x[perm])
     assert_matches_torch_path(out, ref, x, name)            # also: the three images are far apart
     assert_matches_torch_path(out_perm, ref, x[perm], f"{name} permuted")
-    torch.testing.assert_close(out_perm, out[perm], rtol=0, atol=0)  # same rows, same arithmetic
 
 
 def test_headless_model_returns_pooled_features():
