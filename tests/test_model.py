@@ -8,7 +8,7 @@ import torch
 import fastmvit
 from fastmvit import InputError
 
-from .utils import FACTOR, assert_images_apart, image_sensitive_, images, max_err, torch_reference
+from .utils import assert_images_apart, image_sensitive_, images, max_err, torch_reference
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,9 @@ def test_v2_keeps_the_enlarged_map_at_odd_sizes():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_cpu(dtype):
     """The torch path in float16/bfloat16 against itself in float64, on weights whose logits tell images
-    apart. Bound: FACTOR x its float32 error scaled by the ratio of the formats' machine epsilons (the
-    error grows with the rounding unit), and the images must stay further apart than twice that, so a
-    row from the wrong image or a wrong cast fails."""
+    apart. Bound: its float32 error scaled by the ratio of the formats' machine epsilons (rounding error
+    grows with the rounding unit; measured: float16 0.5x, bfloat16 0.6x of that bound), and the images
+    must stay further apart than twice that, so a row from the wrong image or a wrong cast fails."""
     ref = image_sensitive_(fastmvit.load("xxs", pretrained=False, backend="torch"), seed=13)
     x = images((3, 3, 64, 64))
     model = fastmvit.load("xxs", weights=ref.state_dict(), dtype=dtype)
@@ -82,7 +82,7 @@ def test_half_precision_on_cpu(dtype):
     assert out.dtype == dtype
     ref64, ref32 = torch_reference(ref, x, torch.float32)
     eps_ratio = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
-    bound = FACTOR * max_err(ref32, ref64) * eps_ratio
+    bound = max_err(ref32, ref64) * eps_ratio
     assert max_err(out, ref64) <= bound, (max_err(out, ref64), bound)
     assert_images_apart(ref64, bound, f"xxs {dtype}", separation=2.0)
 

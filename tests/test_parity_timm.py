@@ -6,6 +6,7 @@ preprocessing (resolve_data_config + create_transform) against fastmvit's on rea
 
 In CI timm imports through tests/torchvision_standin.py (torchvision's Python sources without its C++
 library, which no wheel here loads); the module is skipped only where timm is not installed at all."""
+import copy
 import math
 
 import numpy as np
@@ -20,9 +21,11 @@ from .utils import FACTOR, REL_FLOOR, assert_images_apart, image_sensitive_, ima
 timm = pytest.importorskip("timm", reason="timm is not installed: run .ci/setup_timm.sh")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-# 64x64: every stage map even. 96x80: stage maps 48x40, 24x20, 12x10, 6x5, 3x3, so v1 resizes around its
-# last two transformers and v2 enlarges its last two block inputs (align_corners=True) and keeps them.
-EVEN, ODD = (64, 64), (96, 80)
+# 128x128: every stage map even. 96x80: stage maps 48x40, 24x20, 12x10, 6x5, 3x3, so v1 resizes around
+# its last two transformers and v2 enlarges its last two block inputs (align_corners=True) and keeps them.
+# (Not 64x64: there v1 xs/s differ from timm by 1-4 float32 ulps in the 2x2 last stage, where torch's
+# matmuls over single-patch sequences round differently in the two layouts; exact at 96x80, 128, 256.)
+EVEN, ODD = (128, 128), (96, 80)
 
 
 def _timm_model(variant, fused: bool):
@@ -35,10 +38,19 @@ def _timm_model(variant, fused: bool):
         set_fused_attn(True)
 
 
+def _float_rounding_bound(ref, x, ref32):
+    """FACTOR x timm's own float32 error against timm in float64, plus a few ulps of the largest logit:
+    how far two float32 computations of the same function may honestly differ. Also returns the float64
+    logits."""
+    with torch.inference_mode():
+        ref64 = copy.deepcopy(ref).double()(x.double())
+    return FACTOR * max_err(ref32, ref64) + REL_FLOOR[torch.float32] * ref64.abs().max().item(), ref64
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_logits_match_timm(name, tmp_path):
     variant = VARIANTS[name]
-    exact = randomize_(_timm_model(variant, fused=False), seed=7)
+    exact = image_sensitive_(_timm_model(variant, fused=False), seed=7)
     fused = _timm_model(variant, fused=True)
     fused.load_state_dict(exact.state_dict())
     path = tmp_path / "model.safetensors"
@@ -50,9 +62,10 @@ def test_logits_match_timm(name, tmp_path):
         with torch.inference_mode():
             got, expected = model(x), exact(x)
             torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"{size}")
-            assert max_err(got[0], got[1]) > 1e-3  # the two images give different logits
-            if size == EVEN:
-                torch.testing.assert_close(got, fused(x), rtol=0, atol=1e-5)
+            assert max_err(got[0], got[1]) > 0.1  # logits of about unit size that differ between the images
+            if size == EVEN:  # timm's default attention (SDPA): the same function, rounded differently
+                bound, _ = _float_rounding_bound(exact, x, expected)
+                assert max_err(got, fused(x)) <= bound
 
 
 @pytest.mark.parametrize("name", ["xxs", "v2-0.5", "v2-1.25"])
@@ -62,7 +75,7 @@ def test_odd_size_semantics_against_timm(name):
     (so this test would notice the default sliding to the other behaviour), and the same answer for v1
     up to the attention-scale rounding (v1 has only one odd-size behaviour)."""
     variant = VARIANTS[name]
-    ref = randomize_(_timm_model(variant, fused=False), seed=8)
+    ref = image_sensitive_(_timm_model(variant, fused=False), size=ODD[0], seed=8)
     state = ref.state_dict()
     x = images((2, 3, *ODD), seed=3)
     with torch.inference_mode():
@@ -70,10 +83,11 @@ def test_odd_size_semantics_against_timm(name):
         default = fastmvit.load(name, weights=state)(x)
         hf = fastmvit.load(name, weights=state, numerics="hf")(x)
     torch.testing.assert_close(default, expected, rtol=0, atol=0)
+    bound, _ = _float_rounding_bound(ref, x, expected)
     if variant.family == "v2":
-        assert max_err(hf, expected) > 1e-2
+        assert max_err(hf, expected) > 10 * bound and max_err(hf, expected) > 0.1
     else:
-        torch.testing.assert_close(hf, expected, rtol=0, atol=1e-5)
+        assert max_err(hf, expected) <= bound
 
 
 @pytest.mark.parametrize("name", ["xxs", "v2-0.5"])
