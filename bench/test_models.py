@@ -37,6 +37,8 @@ def test_model(benchmark, bench_run, point, request):
         bench_run.results.append(Result(variant, batch, dtype, name, "failed", f"{type(ex).__name__}: {ex}", size=size))
         pytest.skip(f"{name} failed to build: {type(ex).__name__}: {ex}")
     try:
+        out = prepared.fn()  # a benchmark of an engine that computes nothing useful would mean nothing
+        assert tuple(out.shape) == (batch, 1000) and bool(out.isfinite().all()), f"{name}: bad logits {out.shape}"
         warm = sum(warm_up(prepared.fn, DEVICE, max(engine.warmup, 1)))
         per_call = time_call(prepared.fn, DEVICE)
         budget = Budget(min_rounds=request.config.getoption("--bench-min-rounds"),

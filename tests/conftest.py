@@ -77,6 +77,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
+# timm imports torchvision, which has no build that loads with the CPU torch: make its pure-Python parts
+# importable (tests/torchvision_standin.py; a no-op where a real torchvision loads).
+from .torchvision_standin import install as _install_torchvision  # noqa: E402
+
+TORCHVISION = _install_torchvision()
+
+
+def pytest_report_header(config):
+    return f"timm tests: {TORCHVISION}"
+
+
 @pytest.fixture(autouse=True)
 def _no_network_cache(tmp_path_factory, monkeypatch):
     """Point the fastmvit and Hugging Face caches at empty folders so no test finds a user's files."""
