@@ -68,7 +68,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 # Tests that share an expensive module-scoped fixture (a real server) run in one worker, so it starts
 # once (pytest's --dist loadgroup); every other test is handed to whichever worker is free.
-SHARED_SERVER_MODULES = ("test_litserve_server.py", "test_triton_server.py")
+SHARED_SERVER_MODULES = ("test_litserve_server.py", "test_triton_server.py", "test_litserve_faults.py",
+                         "test_triton_faults.py")
 
 
 def pytest_collection_modifyitems(config, items):
