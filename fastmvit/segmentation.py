@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .errors import CheckpointError, WeightsNotFoundError
+from .masks import VOC_CLASSES
 from .model.layers import resolve_numerics
 from .model.segmentation import DeepLabV3, SegmentationConfig
 from .preprocess import PreprocessConfig
@@ -69,8 +70,8 @@ def _resolve_hub(repo_id: str) -> str:
     return path
 
 
-def _config_from(hf_config: dict, fmt: str, variant: Variant, num_classes: int, aspp_channels: int,
-                 output_stride, atrous_rates) -> SegmentationConfig:
+def _config_from(hf_config: dict, num_classes: int, aspp_channels: int, output_stride,
+                 atrous_rates) -> SegmentationConfig:
     """Head shape: the arguments first, then the checkpoint's config.json, then the published defaults."""
     if output_stride is None:
         output_stride = int(hf_config.get("output_stride", 16))
@@ -99,7 +100,8 @@ def load_segmentation(
     ``MobileViT[V2]ForSemanticSegmentation``, an ml-cvnets DeepLabV3 ``.pt``, or a state dict in either
     layout. The variant, number of classes and ASPP width come from the tensors; the output stride and
     atrous rates from ``config.json`` when there is one, else the arguments (default 16 and 6/12/18: an
-    ml-cvnets checkpoint does not record them, pass its yaml's values).
+    ml-cvnets checkpoint does not record them, pass its yaml's values). ``num_classes``: None (or
+    ``load``'s classification default, 1000) takes the checkpoint's, 21 (PASCAL VOC) for random weights.
     """
     variant = segmentation_variant(name) if name is not None and is_segmentation_name(name) else \
         (get_variant(name) if name is not None else None)
@@ -128,8 +130,8 @@ def load_segmentation(
             raise CheckpointError(f"checkpoint has a {canonical.num_classes}-class segmentation head but "
                                   f"num_classes={num_classes} was requested; pass num_classes=None")
         fmt, variant, hf_config = canonical.fmt, canonical.variant, info.get("hf_config") or {}
-        config = _config_from(hf_config, fmt, variant, canonical.num_classes, canonical.aspp_channels,
-                              output_stride, atrous_rates)
+        config = _config_from(hf_config, canonical.num_classes, canonical.aspp_channels, output_stride,
+                              atrous_rates)
         model = DeepLabV3(variant, config)
         model.load_state_dict(canonical.state_dict, strict=True)
 
@@ -138,8 +140,8 @@ def load_segmentation(
     model.requires_grad_(False)
     preprocess = _preprocess_for(fmt, variant, info)
     labels = hf_config_labels(info)
-    if labels is None and model.num_classes == 21:
-        labels = "pascal-voc"
+    if labels is None and model.num_classes == len(VOC_CLASSES):
+        labels = list(VOC_CLASSES)
     model.pretrained_cfg = {
         "variant": variant.name,
         "task": "segmentation",
