@@ -70,10 +70,16 @@ def load(
                        device=device, dtype=dtype, **segmentation_options)
     if segmentation.is_segmentation_name(name):
         return segmentation.load_segmentation(name, weights, **seg_options)
-    if segmentation_options:
-        raise TypeError(f"{', '.join(segmentation_options)} apply to segmentation models only "
-                        f"(names {segmentation.PREFIX}<variant> or Apple's DeepLabV3 repositories)")
     variant = get_variant(name)
+
+    def refuse_segmentation_options():  # a classifier after all
+        if segmentation_options:
+            raise TypeError(f"{', '.join(segmentation_options)} apply to segmentation models only (names "
+                            f"{segmentation.PREFIX}<variant>, Apple's DeepLabV3 repositories or segmentation "
+                            f"weights)")
+
+    if weights is None:
+        refuse_segmentation_options()
     pretrained_weights = None
     if weights is None and pretrained:
         weights, pretrained_weights = resolve_pretrained(variant, pretrained)
@@ -83,6 +89,7 @@ def load(
         tensors, info = read_checkpoint(weights)
         if segmentation.is_segmentation_checkpoint(tensors):  # a DeepLabV3 checkpoint named by its backbone
             return segmentation.load_segmentation(name, _read=(tensors, info), **seg_options)
+        refuse_segmentation_options()
         canonical = to_canonical(tensors, variant.name, num_classes)
         fmt, num_classes = canonical.fmt, canonical.num_classes
         model = MobileViT(variant, num_classes)

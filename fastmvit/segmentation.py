@@ -70,13 +70,24 @@ def _resolve_hub(repo_id: str) -> str:
     return path
 
 
-def _config_from(hf_config: dict, num_classes: int, aspp_channels: int, output_stride,
-                 atrous_rates) -> SegmentationConfig:
-    """Head shape: the arguments first, then the checkpoint's config.json, then the published defaults."""
+def _cvnets_defaults(variant: Variant, num_classes: int):
+    """(output stride, atrous rates) of ml-cvnets' DeepLabV3 yamls, which its checkpoints do not record:
+    v1 PASCAL VOC 8 and 12/24/36; v2 PASCAL VOC 16 and 6/12/18; v2 ADE20K (150 classes) 8 and 12/24/36."""
+    if variant.family == "v1" or num_classes == 150:
+        return 8, (12, 24, 36)
+    return 16, (6, 12, 18)
+
+
+def _config_from(hf_config: dict, fmt: str, variant: Variant, num_classes: int, aspp_channels: int,
+                 output_stride, atrous_rates) -> SegmentationConfig:
+    """Head shape: the arguments first, then the checkpoint's config.json, then the defaults of where the
+    layout's published checkpoints come from (Apple's hub configs, ml-cvnets' yamls)."""
+    default_stride, default_rates = (_cvnets_defaults(variant, num_classes) if fmt == "cvnets"
+                                     else (16, (6, 12, 18)))
     if output_stride is None:
-        output_stride = int(hf_config.get("output_stride", 16))
+        output_stride = int(hf_config.get("output_stride", default_stride))
     if atrous_rates is None:
-        atrous_rates = tuple(int(r) for r in hf_config.get("atrous_rates", (6, 12, 18)))
+        atrous_rates = tuple(int(r) for r in hf_config.get("atrous_rates", default_rates))
     return SegmentationConfig(num_classes, output_stride, tuple(atrous_rates), aspp_channels)
 
 
@@ -99,8 +110,8 @@ def load_segmentation(
     ``weights``: a Hugging Face ``save_pretrained`` directory or weight file of
     ``MobileViT[V2]ForSemanticSegmentation``, an ml-cvnets DeepLabV3 ``.pt``, or a state dict in either
     layout. The variant, number of classes and ASPP width come from the tensors; the output stride and
-    atrous rates from ``config.json`` when there is one, else the arguments (default 16 and 6/12/18: an
-    ml-cvnets checkpoint does not record them, pass its yaml's values). ``num_classes``: None (or
+    atrous rates from the arguments, else ``config.json``, else the published defaults (Hugging Face: 16 and
+    6/12/18; an ml-cvnets checkpoint records neither, so its yamls' values: see ``_cvnets_defaults``). ``num_classes``: None (or
     ``load``'s classification default, 1000) takes the checkpoint's, 21 (PASCAL VOC) for random weights.
     """
     variant = segmentation_variant(name) if name is not None and is_segmentation_name(name) else \
@@ -130,8 +141,8 @@ def load_segmentation(
             raise CheckpointError(f"checkpoint has a {canonical.num_classes}-class segmentation head but "
                                   f"num_classes={num_classes} was requested; pass num_classes=None")
         fmt, variant, hf_config = canonical.fmt, canonical.variant, info.get("hf_config") or {}
-        config = _config_from(hf_config, canonical.num_classes, canonical.aspp_channels, output_stride,
-                              atrous_rates)
+        config = _config_from(hf_config, fmt, variant, canonical.num_classes, canonical.aspp_channels,
+                              output_stride, atrous_rates)
         model = DeepLabV3(variant, config)
         model.load_state_dict(canonical.state_dict, strict=True)
 

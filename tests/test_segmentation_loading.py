@@ -152,3 +152,52 @@ def test_errors_name_what_is_wrong(xxs_seg):
         fastmvit.load("deeplabv3-xxs", pretrained=False, output_stride=4)
     with pytest.raises(TypeError, match="output_stride apply to segmentation models only"):
         fastmvit.load("xxs", pretrained=False, output_stride=8)
+
+
+# --------------------------------------------------------------------------------------------------
+# ml-cvnets layout (keys from ml-cvnets' encoder_decoder + deeplabv3; design notes, mobilevit.md 8.3)
+
+# Keys spelled out by hand from ml-cvnets' module names, independent of fastmvit's key tables.
+CVNETS_KEYS = {
+    "xxs": ["encoder.conv_1.block.conv.weight", "encoder.layer_2.0.block.exp_1x1.block.norm.running_mean",
+            "encoder.layer_3.1.local_rep.conv_3x3.block.conv.weight",
+            "encoder.layer_3.1.global_rep.0.pre_norm_mha.1.qkv_proj.weight",
+            "encoder.layer_5.1.global_rep.3.weight", "encoder.layer_5.1.fusion.block.norm.bias"],
+    "v2-0.5": ["encoder.layer_3.1.local_rep.0.block.conv.weight",
+               "encoder.layer_4.1.global_rep.2.pre_norm_attn.1.qkv_proj.block.conv.bias",
+               "encoder.layer_5.1.conv_proj.block.norm.running_var"],
+}
+CVNETS_HEAD_KEYS = [
+    "seg_head.aspp.aspp_layer.convs.0.block.conv.weight", "seg_head.aspp.aspp_layer.convs.3.block.norm.weight",
+    "seg_head.aspp.aspp_layer.convs.4.aspp_pool.conv_1x1.block.conv.weight",
+    "seg_head.aspp.aspp_layer.convs.4.aspp_pool.conv_1x1.block.norm.running_var",
+    "seg_head.aspp.aspp_layer.project.block.conv.weight", "seg_head.classifier.block.conv.weight",
+    "seg_head.classifier.block.conv.bias",
+]
+
+
+@pytest.mark.parametrize("name", ["xxs", "v2-0.5"])
+def test_cvnets_layout_end_to_end(name, tmp_path):
+    """HF weights renamed to ml-cvnets' keys (+ the training-only aux head, in a training checkpoint's
+    container, saved with torch.save) give HF's logits under HF arithmetic; the checkpoint's shapes alone
+    pick the variant, and ml-cvnets' yaml defaults the output stride."""
+    from fastmvit.weights.segmentation import segmentation_from_canonical
+
+    hf = randomize_(hf_segmentation_model(VARIANTS[name], output_stride=8 if name == "xxs" else 16), seed=9)
+    canonical = fastmvit.load(f"deeplabv3-{name}", weights=hf.state_dict()).state_dict()
+    cv = segmentation_from_canonical(canonical, name, "cvnets")
+    assert set(CVNETS_KEYS[name] + CVNETS_HEAD_KEYS) <= set(cv)
+    assert not any(k.startswith(("encoder.conv_1x1_exp", "encoder.classifier")) for k in cv)
+    cv["seg_head.aux_head.0.block.conv.weight"] = torch.zeros(128, 64, 3, 3)
+    path = tmp_path / "deeplabv3.pt"
+    torch.save({"model_state_dict": cv, "epoch": 3}, path)
+
+    model = fastmvit.load("xxs" if name == "xxs" else "v2-0.5", weights=path, numerics="hf",
+                          atrous_rates=(6, 12, 18))
+    assert model.pretrained_cfg["source_format"] == "cvnets" and model.variant.name == name
+    assert model.output_stride == (8 if name == "xxs" else 16)  # ml-cvnets' VOC yamls: v1 OS8, v2 OS16
+    assert model.pretrained_cfg["upsample_align_corners"] is True
+    _same_logits(hf, model, (1, 3, 96, 96))
+    default = fastmvit.load(f"deeplabv3-{name}", weights=path)
+    assert default.numerics == fastmvit.model.NUMERICS_PRESETS["cvnets"]
+    assert default.config.atrous_rates == ((12, 24, 36) if name == "xxs" else (6, 12, 18))
