@@ -17,6 +17,10 @@ def _predict(args) -> int:
     model = load(args.model, args.weights, pretrained=not args.random, num_classes=None if args.weights else 1000)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
+    if getattr(model, "task", None) == "segmentation":
+        from .masks import print_written_masks
+
+        return print_written_masks(model, args.images, args.out_dir)
     cfg = model.pretrained_cfg["preprocess"]
     labels = model.pretrained_cfg.get("labels")
     labels = imagenet_classes() if labels == "imagenet-1k" else labels
@@ -57,13 +61,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m fastmvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="classify images and print the top classes")
+    p = sub.add_parser("predict", help="classify images and print the top classes (segmentation models: "
+                                       "write label masks and colour overlays)")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0, or a timm name")
+    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0, a timm name, "
+                                                  "or a segmentation model: deeplabv3-s, ...")
     p.add_argument("--weights", help="checkpoint file or Hugging Face directory (default: pretrained)")
     p.add_argument("--random", action="store_true", help="random weights (no download); for smoke tests")
     p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--out-dir", help="segmentation models (--model deeplabv3-s, ...): where to write "
+                                     "<image>_mask.png and <image>_overlay.png (default: beside each image)")
     p.set_defaults(func=_predict)
     p = sub.add_parser("info", help="versions, devices, compiled extension and kernel backends")
     p.set_defaults(func=_info)

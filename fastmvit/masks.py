@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["VOC_CLASSES", "voc_palette", "label_map", "mask_png", "overlay", "segment_image", "write_masks"]
+__all__ = ["VOC_CLASSES", "voc_palette", "label_map", "mask_png", "overlay", "segment_image", "write_masks",
+           "print_written_masks"]
 
 # PASCAL VOC 2012 in training index order (Apple's DeepLabV3 checkpoints and their HF id2label).
 VOC_CLASSES = (
@@ -119,19 +120,34 @@ def segment_image(model, image) -> torch.Tensor:
                      align_corners=model.pretrained_cfg.get("upsample_align_corners", False))[0]
 
 
+def _write_one(model, src, out_dir) -> Tuple[torch.Tensor, Path, Path]:
+    from .preprocess import load_image
+
+    src = Path(src)
+    labels = segment_image(model, src)
+    folder = Path(out_dir) if out_dir is not None else src.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    mask_path, overlay_path = folder / f"{src.stem}_mask.png", folder / f"{src.stem}_overlay.png"
+    mask_path.write_bytes(mask_png(labels))
+    overlay(load_image(src), labels).save(overlay_path)
+    return labels, mask_path, overlay_path
+
+
 def write_masks(model, images: Sequence, out_dir=None) -> List[Tuple[Path, Path]]:
     """For each image file write ``<stem>_mask.png`` (class indices) and ``<stem>_overlay.png`` (colours over
     the image) into ``out_dir`` (default: beside the image); returns the pairs of paths written."""
-    from .preprocess import load_image
+    return [_write_one(model, src, out_dir)[1:] for src in images]
 
-    written = []
+
+def print_written_masks(model, images: Sequence, out_dir=None) -> int:
+    """``python -m fastmvit predict`` for a segmentation model: write the masks and print, per image, where
+    they went and the classes found by pixel share."""
+    names = model.pretrained_cfg.get("labels")
     for src in images:
-        src = Path(src)
-        labels = segment_image(model, src)
-        folder = Path(out_dir) if out_dir is not None else src.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        mask_path, overlay_path = folder / f"{src.stem}_mask.png", folder / f"{src.stem}_overlay.png"
-        mask_path.write_bytes(mask_png(labels))
-        overlay(load_image(src), labels).save(overlay_path)
-        written.append((mask_path, overlay_path))
-    return written
+        labels, mask_path, overlay_path = _write_one(model, src, out_dir)
+        counts = torch.bincount(labels.flatten().cpu())
+        found = sorted(((int(n), i) for i, n in enumerate(counts.tolist()) if n), reverse=True)
+        text = ", ".join(f"{names[i] if names and i < len(names) else i} {n / labels.numel():.0%}"
+                         for n, i in found)
+        print(f"{src}\n  mask: {mask_path}\n  overlay: {overlay_path}\n  classes: {text}")
+    return 0
