@@ -201,3 +201,13 @@ def test_cvnets_layout_end_to_end(name, tmp_path):
     default = fastmvit.load(f"deeplabv3-{name}", weights=path)
     assert default.numerics == fastmvit.model.NUMERICS_PRESETS["cvnets"]
     assert default.config.atrous_rates == ((12, 24, 36) if name == "xxs" else (6, 12, 18))
+
+
+def test_own_state_dict_round_trip(xxs_seg, tmp_path):
+    """``torch.save(model.state_dict())`` of a loaded DeepLabV3 loads back (fastmvit's own keys)."""
+    hf, path = xxs_seg
+    model = fastmvit.load("deeplabv3-xxs", weights=path)
+    torch.save(model.state_dict(), tmp_path / "seg.pth")
+    again = fastmvit.load("xxs", weights=tmp_path / "seg.pth", output_stride=8, numerics="hf")
+    assert again.pretrained_cfg["source_format"] == "fastmvit" and again.num_classes == 5
+    _same_logits(hf, again)

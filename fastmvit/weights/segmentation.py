@@ -21,7 +21,7 @@ __all__ = ["SEGMENTATION_FORMATS", "HUB_REPOS", "is_segmentation_checkpoint", "d
            "segmentation_key_table", "segmentation_to_canonical", "segmentation_from_canonical",
            "SegmentationWeights"]
 
-SEGMENTATION_FORMATS = ("hf", "cvnets")
+SEGMENTATION_FORMATS = ("hf", "cvnets", "fastmvit")  # fastmvit: DeepLabV3.state_dict() itself
 
 # Apple's published DeepLabV3 checkpoints on the Hugging Face hub (PASCAL VOC, 21 classes, output stride 16).
 HUB_REPOS = {
@@ -35,6 +35,7 @@ HUB_REPOS = {
 _MARKERS = (
     ("hf", "segmentation_head.classifier.convolution.weight"),
     ("cvnets", "seg_head.classifier.block.conv.weight"),
+    ("fastmvit", "head.classifier.weight"),
 )
 # ml-cvnets' auxiliary head on stage 4 only trains; it never changes the logits.
 _IGNORED = re.compile(r"seg_head\.aux_head\.")
@@ -51,6 +52,8 @@ def is_segmentation_checkpoint(keys) -> bool:
 
 def _head_key(key: str, fmt: str) -> str:
     """A canonical head key (``head.…``) in a layout."""
+    if fmt == "fastmvit":
+        return key
     hf = fmt == "hf"
     sub = (lambda s: {"conv": "convolution", "bn": "normalization"}[s]) if hf else \
         (lambda s: {"conv": "block.conv", "bn": "block.norm"}[s])
@@ -87,8 +90,8 @@ def segmentation_key_table(variant: str, fmt: str, num_classes: int = 21,
     """(canonical key, its key(s) in ``fmt``) for every tensor of a DeepLabV3."""
     if fmt not in SEGMENTATION_FORMATS:
         raise ValueError(f"unknown segmentation checkpoint layout {fmt!r}; known: {SEGMENTATION_FORMATS}")
-    backbone = key_table(variant, fmt).to_canonical()
-    prefix = "encoder." if fmt == "cvnets" else ""
+    backbone = key_table(variant, "timm" if fmt == "fastmvit" else fmt).to_canonical()
+    prefix = {"cvnets": "encoder.", "fastmvit": "backbone."}.get(fmt, "")
     entries = []
     for key in segmentation_shapes(variant, num_classes, aspp_channels):
         if key.startswith("backbone."):
@@ -108,6 +111,8 @@ class SegmentationWeights:
 
 
 def _family(fmt: str, keys) -> str:
+    if fmt == "fastmvit":
+        return "v1" if any(".conv_fusion." in k for k in keys) else "v2"
     if fmt == "hf":
         return "v1" if "mobilevit.conv_stem.convolution.weight" in keys else "v2"
     return "v1" if any(".fusion." in k for k in keys) else "v2"
@@ -147,7 +152,7 @@ def segmentation_to_canonical(tensors: Dict[str, torch.Tensor],
     if fmt is None:
         raise CheckpointError("not a MobileViT segmentation checkpoint: none of "
                               f"{', '.join(m for _, m in _MARKERS)} is present")
-    fmt_name = {"hf": "Hugging Face", "cvnets": "ml-cvnets"}[fmt]
+    fmt_name = {"hf": "Hugging Face", "cvnets": "ml-cvnets", "fastmvit": "fastmvit"}[fmt]
     family = _family(fmt, tensors)
     if variant is not None and variant.family != family:
         raise CheckpointError(f"checkpoint is a MobileViT{'v2' if family == 'v2' else ''} DeepLabV3 in {fmt_name} "
