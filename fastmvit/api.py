@@ -7,13 +7,30 @@ from typing import Optional, Union
 
 import torch
 
+from .errors import OptionError
 from .model import MobileViT, Numerics, resolve_numerics
 from .preprocess import PreprocessConfig, preprocess_config_for
 from .variants import VARIANTS, get_variant
 from .weights import read_checkpoint, resolve_pretrained, to_canonical
 from .weights.reader import hf_config_labels
 
-__all__ = ["load", "list_models"]
+__all__ = ["load", "list_models", "parse_device"]
+
+
+def parse_device(name: Union[str, torch.device, None]) -> torch.device:
+    """A device from a user's option: None or "auto" is the first GPU when there is one, else the CPU.
+    An unknown name, or CUDA where there is none, raises OptionError saying what is accepted."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise OptionError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"device {name!r}: CUDA is not available here (torch {torch.__version__}); use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise OptionError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def list_models() -> list:
@@ -52,8 +69,8 @@ def load(
         backend: "auto" runs the fused Triton engine on CUDA tensors and the plain PyTorch modules on CPU
             tensors; "triton" forces the engine (on CPU tensors under TRITON_INTERPRET=1, slow, for
             tests); "torch" never uses it.
-        cuda_graphs: replay CUDA graphs for batches up to ``model.cuda_graph_max_batch`` (32) on the
-            engine path.
+        cuda_graphs: replay CUDA graphs on the engine path, for every batch size whose graphs fit the
+            memory budget (``model.cuda_graph_max_batch`` can also cap the batch).
         device, dtype: where and in which float type to put the model.
 
     Segmentation (MobileViT + DeepLabV3): name "deeplabv3-<variant>" or one of Apple's hub repositories
@@ -74,7 +91,7 @@ def load(
 
     def refuse_segmentation_options():  # a classifier after all
         if segmentation_options:
-            raise TypeError(f"{', '.join(segmentation_options)} apply to segmentation models only (names "
+            raise OptionError(f"{', '.join(segmentation_options)} apply to segmentation models only (names "
                             f"{segmentation.PREFIX}<variant>, Apple's DeepLabV3 repositories or segmentation "
                             f"weights)")
 

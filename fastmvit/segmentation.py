@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .errors import CheckpointError, WeightsNotFoundError
+from .errors import CheckpointError, OptionError, WeightsNotFoundError
 from .masks import VOC_CLASSES
 from .model.layers import resolve_numerics
 from .model.segmentation import DeepLabV3, SegmentationConfig
@@ -46,7 +46,7 @@ def segmentation_variant(name: str) -> Variant:
     try:
         return get_variant(key[len(PREFIX):])
     except ValueError:
-        raise ValueError(f"unknown segmentation model {name!r}; valid names: {', '.join(segmentation_models())}") \
+        raise OptionError(f"unknown segmentation model {name!r}; valid names: {', '.join(segmentation_models())}") \
             from None
 
 
@@ -111,8 +111,9 @@ def load_segmentation(
     ``MobileViT[V2]ForSemanticSegmentation``, an ml-cvnets DeepLabV3 ``.pt``, or a state dict in either
     layout. The variant, number of classes and ASPP width come from the tensors; the output stride and
     atrous rates from the arguments, else ``config.json``, else the published defaults (Hugging Face: 16 and
-    6/12/18; an ml-cvnets checkpoint records neither, so its yamls' values: see ``_cvnets_defaults``). ``num_classes``: None (or
-    ``load``'s classification default, 1000) takes the checkpoint's, 21 (PASCAL VOC) for random weights.
+    6/12/18; an ml-cvnets checkpoint records neither, so its yamls' values: see ``_cvnets_defaults``).
+    ``num_classes``: None (or ``load``'s classification default, 1000) takes the checkpoint's, 21 (PASCAL
+    VOC) for random weights.
     """
     variant = segmentation_variant(name) if name is not None and is_segmentation_name(name) else \
         (get_variant(name) if name is not None else None)

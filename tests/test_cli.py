@@ -1,9 +1,11 @@
-"""``python -m fastmvit predict`` and ``info`` as a user runs them."""
+"""``python -m fastmvit predict`` and ``info`` as a user runs them, and the one error path every command shares."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -52,7 +54,9 @@ def test_predict_bad_image(checkpoint_and_images, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
     r = _run("predict", str(bad), "--model", "xxs", "--random", "--device", "cpu")
-    assert r.returncode == 2 and "is not an image" in r.stderr and "Traceback" not in r.stderr
+    # reported and skipped, not the end of the run: exit status 1 says some file was skipped
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "skipped: " in r.stdout and "is not an image" in r.stdout and str(bad) in r.stderr
 
 
 def test_info_reports_versions_and_devices():
@@ -60,3 +64,80 @@ def test_info_reports_versions_and_devices():
     assert r.returncode == 0, r.stderr
     for key in ("fastmvit", "torch", "triton", "devices", "compiled extension"):
         assert key in r.stdout
+
+
+# Many commands in one fresh interpreter (a start costs seconds): each one's exit status and stderr, as
+# `python -m fastmvit ...` would give them (main() returns the status that __main__ passes to sys.exit).
+MANY = r"""
+import contextlib, io, json, sys
+from fastmvit.__main__ import main
+
+out = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            status = main(argv)
+        except SystemExit as e:  # argparse's own errors
+            status = e.code
+    out[name] = [status, err.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def _run_many(commands):
+    r = subprocess.run([sys.executable, "-c", MANY, json.dumps(commands)], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_every_command_reports_a_bad_name_or_option_the_same_way(checkpoint_and_images, tmp_path):
+    """Any fastmvit error, from any command: `error: ...` on stderr (first line), exit status 2, no
+    traceback; the message names what was wrong."""
+    root = checkpoint_and_images
+    image, weights = str(root / "img0.jpg"), str(root / "xxs.safetensors")
+    not_results = tmp_path / "results.json"
+    not_results.write_bytes(b"\xff\xd8 not json")
+    bad_name = "error: unknown MobileViT variant 'xl'; valid names: 'xxs'"
+    cases = {
+        "predict --model": (["predict", image, "--model", "xl", "--random"], bad_name),
+        "bench --models": (["bench", "--models", "xl"], bad_name),
+        "bench roofline --models": (["bench", "roofline", "--models", "xl"], bad_name),
+        "bench kernels --models": (["bench", "kernels", "--models", "xl"], bad_name),
+        "serve --model": (["serve", "--model", "xl"], bad_name),
+        "serve triton --model": (["serve", "triton", str(tmp_path / "repo"), "--model", "xl"], bad_name),
+        "predict --device": (["predict", image, "--model", "xxs", "--random", "--device", "gpu"],
+                             "error: unknown device 'gpu'; use cpu, cuda or cuda:N"),
+        "predict a directory": (["predict", str(root), "--model", "xxs", "--random", "--device", "cpu"],
+                                f"error: {root} is a directory, not an image file"),
+        "predict --weights missing": (["predict", image, "--model", "xxs", "--weights", str(tmp_path / "no.pt")],
+                                      "error: no such checkpoint file"),
+        "predict --weights of another variant": (["predict", image, "--model", "s", "--weights", weights],
+                                                 "error: "),
+        "bench --dtypes": (["bench", "--dtypes", "float8"], "error: unknown dtype(s) ['float8']"),
+        "bench --batches": (["bench", "--batches", "1,x"], "error: --batches must be positive integers"),
+        "bench --engines": (["bench", "--engines", "nope"], "error: unknown engine(s) ['nope']"),
+        "bench --device": (["bench", "--device", "tpu"], "error: unknown device 'tpu'"),
+        "bench --threads": (["bench", "--threads", "0", "--no-measure-peak"], "error: --threads must be at least 1"),
+        "bench report missing": (["bench", "report", str(tmp_path / "none.json")], "error: no such results file"),
+        "bench report not JSON": (["bench", "report", str(not_results)], f"error: {not_results}: not a fastmvit "
+                                                                        "results file"),
+        "bench kernels --family": (["bench", "kernels", "--family", "fft"], "error: unknown kernel family 'fft'"),
+        "bench engines --dtype": (["bench", "engines", "--dtype", "int8"], "error: --dtype takes float32"),
+    }
+    if not torch.cuda.is_available():
+        cases["bench --device cuda"] = (["bench", "--device", "cuda"], "error: device 'cuda': CUDA is not available")
+    out = _run_many({name: argv for name, (argv, _) in cases.items()})
+    for name, (argv, first) in cases.items():
+        status, err = out[name]
+        assert status == 2 and err.startswith(first) and "Traceback" not in err, (name, status, err[-2000:])
+    # argparse's own errors (an option it cannot parse) share the status
+    out = _run_many({"--top 0": ["predict", image, "--top", "0"], "no command": []})
+    assert out["--top 0"][0] == 2 and "--top: expected a positive integer, got '0'" in out["--top 0"][1]
+    assert out["no command"][0] == 2
+
+
+def test_exit_status_reaches_the_shell():
+    r = _run("predict", "cat.jpg", "--model", "xl", "--random")
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown MobileViT variant 'xl'"), r.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastmvit
-from fastmvit import CheckpointError, WeightsNotFoundError
+from fastmvit import CheckpointError, OptionError, WeightsNotFoundError
 from fastmvit.masks import VOC_CLASSES
 from fastmvit.model.segmentation import DeepLabV3
 from fastmvit.segmentation import HF_SEGMENTATION_PREPROCESS
@@ -146,11 +146,11 @@ def test_errors_name_what_is_wrong(xxs_seg):
     extra = {**hf.state_dict(), "segmentation_head.extra.weight": torch.zeros(3)}
     with pytest.raises(CheckpointError, match=r"unexpected: segmentation_head\.extra\.weight"):
         fastmvit.load("deeplabv3-xxs", weights=extra)
-    with pytest.raises(ValueError, match="unknown segmentation model 'deeplabv3-xxl'.*deeplabv3-xxs"):
+    with pytest.raises(OptionError, match="unknown segmentation model 'deeplabv3-xxl'.*deeplabv3-xxs"):
         fastmvit.load("deeplabv3-xxl", pretrained=False)
-    with pytest.raises(ValueError, match="output_stride must be one of"):
+    with pytest.raises(OptionError, match="output_stride must be one of"):
         fastmvit.load("deeplabv3-xxs", pretrained=False, output_stride=4)
-    with pytest.raises(TypeError, match="output_stride apply to segmentation models only"):
+    with pytest.raises(OptionError, match="output_stride apply to segmentation models only"):
         fastmvit.load("xxs", pretrained=False, output_stride=8)
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..errors import OptionError
 from ..variants import get_variant
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -178,6 +179,35 @@ class Engine:
         if self.compile_mode == "reduce-overhead" and device.type != "cuda":
             raise Unavailable("mode='reduce-overhead' uses CUDA graphs: CUDA only")
 
+    def runs_on(self, device: torch.device) -> Tuple[str, str]:
+        """What this engine executes on ``device``: ``(kind, in words)``. kind is "fused engine", "torch
+        path", "timm" or "HF transformers"; the bench labels every row with it, so a row named "fastmvit"
+        that runs the plain PyTorch modules on a CPU says so. An engine of another kind says its own."""
+        how = [w for w, on in (("channels-last", self.channels_last), ("autocast", self.autocast)) if on]
+        if self.compile_mode is not None:
+            how.insert(0, f"torch.compile mode={self.compile_mode}")
+        if self.source == "fastmvit":
+            from ..engine import uses_engine
+
+            if uses_engine(self.backend or "auto", torch.empty(0, device=device)):
+                if device.type == "cuda":
+                    how.append("CUDA graphs" if self.cuda_graphs is not False else "no CUDA graphs")
+                else:
+                    how.append("Triton interpreter: for tests, not speed")
+                return "fused engine", "fused engine: Triton kernels" + "".join(f", {w}" for w in how)
+            return "torch path", ("torch path: fastmvit's plain PyTorch modules (the fused engine runs on CUDA "
+                                  "tensors only)" + "".join(f", {w}" for w in how))
+        if self.source == "torch":
+            return "torch path", "torch path: fastmvit's plain PyTorch modules" + "".join(f", {w}" for w in how)
+        kind = {"timm": "timm", "hf": "HF transformers"}.get(self.source, self.source)
+        return kind, f"{kind} eager" + "".join(f", {w}" for w in how)
+
+    def computes_reference(self, device: torch.device) -> bool:
+        """True when, in float32, this engine computes exactly what the benchmark's logits check compares
+        with (fastmvit's float32 torch path): its max|dlogit| is then 0 by construction and checks nothing."""
+        return (self.runs_on(device)[0] == "torch path" and not self.channels_last and not self.autocast
+                and self.compile_mode is None)
+
     def build(self, variant: str, batch: int, dtype: str, device: torch.device, size: int = 256) -> Prepared:
         self.check(device, dtype)
         tdtype = DTYPES[dtype]
@@ -254,7 +284,7 @@ COMPILED = ["compile", "compile-reduce-overhead"]
 def select(names: Optional[List[str]], device: torch.device, compiled: bool = False,
            max_autotune: bool = False) -> List[Engine]:
     """Engines by name (None: the quick set for the device, plus torch.compile if ``compiled``, plus
-    max-autotune if ``max_autotune``). Unknown names raise ValueError listing the valid ones."""
+    max-autotune if ``max_autotune``). Unknown names raise OptionError (a ValueError) listing the valid ones."""
     if names is None:
         names = list(QUICK["cuda" if device.type == "cuda" else "cpu"])
         if compiled:
@@ -264,5 +294,5 @@ def select(names: Optional[List[str]], device: torch.device, compiled: bool = Fa
         names.append("compile-max-autotune")
     unknown = [n for n in names if n not in ENGINES]
     if unknown:
-        raise ValueError(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
+        raise OptionError(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
     return [ENGINES[n] for n in names]

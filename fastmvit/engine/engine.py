@@ -49,14 +49,22 @@ class Engine:
 
 
 class EngineCache:
-    """The engines and graph runners of one model, keyed by (device, dtype); dropped whenever the model's
-    weights, device or dtype change (``MobileViT._apply`` and ``load_state_dict`` call ``clear``)."""
+    """The engines and graph runners of one model, keyed by (device, dtype).
+
+    What an engine reads from the model at build, and what drops it when that changes:
+    weights, buffers, device, dtype (``MobileViT._apply``, ``load_state_dict``), BatchNorm statistics
+    (``MobileViT.train``), the numerics (``set_numerics``; an assigned ``model.numerics`` is noticed here),
+    the CUDA-graph settings (``cuda_graph_max_batch`` / ``cuda_graphs``). Parameters or submodules edited in
+    place and the FASTMVIT_DWCONV choice need ``model.invalidate_engine()``."""
 
     def __init__(self):
         self._runners: Dict[Tuple[torch.device, torch.dtype], GraphRunner] = {}
         self._lock = threading.Lock()
+        self._numerics = None  # the model.numerics object the engines were built with
 
     def runner(self, model, x: torch.Tensor) -> GraphRunner:
+        if model.numerics is not self._numerics:  # an identity test: cheap on every call
+            self.clear()
         key = (x.device, x.dtype)
         runner = self._runners.get(key)
         if runner is None:
@@ -66,6 +74,8 @@ class EngineCache:
     def engine(self, model, x: torch.Tensor) -> Engine:
         """The engine alone, for torch.compile to trace (it brings its own CUDA graphs: mode="reduce-overhead").
         Packing runs once, eagerly, even when it is first reached inside the trace (a graph break)."""
+        if model.numerics is not self._numerics:
+            torch.compiler.disable(self.clear)()
         runner = self._runners.get((x.device, x.dtype))
         if runner is None:
             runner = torch.compiler.disable(self._build)(model, x.device, x.dtype)
@@ -75,13 +85,17 @@ class EngineCache:
         with self._lock:
             runner = self._runners.get((device, dtype))
             if runner is None:
+                self._numerics = model.numerics
                 runner = GraphRunner(Engine(model, device, dtype), max_batch=model.cuda_graph_max_batch)
                 self._runners[(device, dtype)] = runner
         return runner
 
     def clear(self) -> None:
         with self._lock:
+            for runner in self._runners.values():
+                runner.clear()  # waits for replays still using the graphs' buffers
             self._runners.clear()
+            self._numerics = None
 
     # A copied or pickled model starts with an empty cache (locks and CUDA graphs do not copy).
     def __getstate__(self):

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import OptionError
+
 __all__ = ["Numerics", "NUMERICS_PRESETS", "resolve_numerics", "Activation", "ConvNormAct"]
 
 
@@ -39,7 +41,7 @@ class Numerics:
                                ("v2_odd_size", ("resize", "hf")),
                                ("v2_local_dilation", ("stage", "none"))):
             if getattr(self, field) not in allowed:
-                raise ValueError(f"Numerics.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+                raise OptionError(f"Numerics.{field} must be one of {allowed}, got {getattr(self, field)!r}")
 
 
 NUMERICS_PRESETS = {
@@ -58,7 +60,7 @@ def resolve_numerics(numerics, source_format: str | None = None) -> Numerics:
         return NUMERICS_PRESETS.get(source_format or "cvnets", NUMERICS_PRESETS["cvnets"])
     if numerics in NUMERICS_PRESETS:
         return NUMERICS_PRESETS[numerics]
-    raise ValueError(f"numerics must be 'auto', one of {sorted(NUMERICS_PRESETS)} or a Numerics, got {numerics!r}")
+    raise OptionError(f"numerics must be 'auto', one of {sorted(NUMERICS_PRESETS)} or a Numerics, got {numerics!r}")
 
 
 class Activation(nn.Module):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import BACKENDS
+from ..errors import OptionError
 from ..variants import Variant, get_variant
 from .blocks import MobileViTv2Block
 from .layers import ConvNormAct, Numerics
@@ -46,15 +47,15 @@ class SegmentationConfig:
 
     def __post_init__(self):
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+            raise OptionError(f"num_classes must be a positive int, got {self.num_classes!r}")
         if self.output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}")
+            raise OptionError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}")
         rates = tuple(self.atrous_rates)
         if len(rates) != 3 or not all(isinstance(r, int) and r >= 1 for r in rates):
-            raise ValueError(f"atrous_rates must be three positive ints, got {self.atrous_rates!r}")
+            raise OptionError(f"atrous_rates must be three positive ints, got {self.atrous_rates!r}")
         object.__setattr__(self, "atrous_rates", rates)
         if self.aspp_channels is not None and (not isinstance(self.aspp_channels, int) or self.aspp_channels < 1):
-            raise ValueError(f"aspp_channels must be a positive int, got {self.aspp_channels!r}")
+            raise OptionError(f"aspp_channels must be a positive int, got {self.aspp_channels!r}")
 
     def channels_for(self, variant: Variant) -> int:
         if self.aspp_channels is not None:
@@ -184,7 +185,7 @@ class DeepLabV3(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+            raise OptionError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
 
     def forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
