@@ -211,3 +211,15 @@ def test_own_state_dict_round_trip(xxs_seg, tmp_path):
     again = fastmvit.load("xxs", weights=tmp_path / "seg.pth", output_stride=8, numerics="hf")
     assert again.pretrained_cfg["source_format"] == "fastmvit" and again.num_classes == 5
     _same_logits(hf, again)
+
+
+def test_engine_request_runs_the_torch_path_and_says_so():
+    """No fused segmentation kernels yet: backend="triton" runs the reference modules, with one warning."""
+    model = randomize_(fastmvit.load("deeplabv3-xxs", pretrained=False, backend="triton"), seed=3)
+    x = images((1, 3, 64, 64))
+    with pytest.warns(UserWarning, match="plain PyTorch modules"):
+        out = model(x)
+    model.backend = "torch"
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.backend = "tensorrt"
