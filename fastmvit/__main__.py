@@ -60,8 +60,7 @@ def _run(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmvit",
                                      description="fastmvit: MobileViT inference. Every command takes --help.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("predict", help="classify image files, folders, globs or lists; JSONL/CSV out; segmentation "
-                                   "models write masks (see predict --help)")
+    sub.add_parser("predict", help="classify image files, folders, globs or lists; JSONL/CSV out (see predict --help)")
     sub.add_parser("evaluate", help="top-1/top-5 accuracy on an ImageFolder tree or a labelled list (see evaluate --help)")
     p = sub.add_parser("info", help="versions, devices, compiled extension and kernel backends")
     p.set_defaults(func=_info)
