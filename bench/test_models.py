@@ -22,9 +22,13 @@ def pytest_generate_tests(metafunc):
 
 
 def test_model(benchmark, bench_run, point, request):
+    measure_point(benchmark, bench_run, point, request, request.config.getoption("--bench-size"))
+
+
+def measure_point(benchmark, bench_run, point, request, size):
+    """Time one (model, batch, dtype, engine) at ``size`` x ``size`` and record it in the run's results."""
     variant, batch, dtype, name = point
     engine = E.ENGINES[name]
-    size = request.config.getoption("--bench-size")
     benchmark.group = f"{variant} b{batch} {dtype}"
     try:
         prepared = engine.build(variant, batch, dtype, DEVICE, size)

@@ -278,6 +278,19 @@ def test_eager_engines_compute_the_same_logits():
     assert bound < amp_err <= amp_bound, (amp_err, bound, amp_bound)  # autocast applied, and within bfloat16 error
 
 
+def test_segmentation_engines_compute_the_same_logits():
+    """deeplabv3-<variant> runs in the benchmark: fastmvit and HF on the same reference weights agree."""
+    pytest.importorskip("transformers")
+    outs = {n: E.ENGINES[n].build("deeplabv3-xxs", 1, "float32", CPU, 64).fn() for n in
+            ("torch-eager", "hf-eager", "fastmvit")}
+    ref = outs.pop("torch-eager")
+    assert ref.shape == (1, 21, 4, 4) and ref.abs().max() > 0.1
+    for name, out in outs.items():
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0, msg=name)
+    with pytest.raises(E.Unavailable, match="timm has no MobileViT segmentation"):
+        E._timm_model("deeplabv3-xxs")
+
+
 def test_compiled_engine_resets_dynamo_and_maps_modes(monkeypatch):
     import torch._dynamo as dynamo
 

@@ -35,7 +35,8 @@ def _count(text: str) -> int:
 
 
 def _common_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0, or a timm name (default s)")
+    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0, a timm name, or a "
+                                                "segmentation model: deeplabv3-s, ... (default s)")
     p.add_argument("--weights", help="checkpoint file or Hugging Face directory (default: pretrained)")
     p.add_argument("--random", action="store_true", help="random weights (no download); for smoke tests")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -64,6 +65,8 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("jsonl", "csv"), help="output format (default: from the extension)")
     p.add_argument("--features", metavar="NPY", help="also write pooled features to this .npy; each output line's "
                                                       "feature_row is its row")
+    p.add_argument("--out-dir", help="segmentation models (--model deeplabv3-s, ...): where to write "
+                                     "<image>_mask.png and <image>_overlay.png (default: beside each image)")
     p.add_argument("--resume", action="store_true", help="continue an output file: skip the files it has")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -140,6 +143,10 @@ def _run_predict(args) -> int:
     _check_model_options(args)  # before walking what may be a million files
     paths = find_images(args.sources)
     model = _load_model(args)
+    if getattr(model, "task", None) == "segmentation":  # masks, not classes
+        from ..masks import print_written_masks
+
+        return print_written_masks(model, paths, args.out_dir)
     predictor = _predictor(model, args, top_k=args.top, features=bool(args.features))
     writer = (open_writer(args.output, predictor.top_k, fmt=args.format, resume=args.resume, overwrite=args.overwrite)
               if args.output else TextWriter(predictor.top_k, sys.stdout))
