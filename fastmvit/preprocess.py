@@ -10,6 +10,7 @@ import functools
 import io
 import math
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -18,10 +19,11 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, OptionError
 
 __all__ = [
-    "PreprocessConfig", "preprocess_config_for", "load_image", "preprocess", "imagenet_classes", "topk",
+    "PreprocessConfig", "preprocess_config_for", "load_image", "preprocess", "imagenet_classes", "imagenet_wnids",
+    "topk",
 ]
 
 
@@ -37,11 +39,11 @@ class PreprocessConfig:
 
     def __post_init__(self):
         if self.interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
+            raise OptionError(f"interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
         if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
+            raise OptionError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
         if self.crop_rounding not in ("round", "floor"):
-            raise ValueError(f"crop_rounding must be 'round' or 'floor', got {self.crop_rounding!r}")
+            raise OptionError(f"crop_rounding must be 'round' or 'floor', got {self.crop_rounding!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +104,8 @@ def load_image(src, *, min_side: int = 1, max_pixels: Optional[int] = None):
                 raise InputError("empty image data", "empty")
             fp, name = io.BytesIO(bytes(src)), "image data"
         elif isinstance(src, (str, os.PathLike)):
+            if os.path.isdir(src):
+                raise InputError(f"{src} is a directory, not an image file", "not_an_image")
             if not os.path.isfile(src):
                 raise InputError(f"no such image file: {src}", "empty")
             fp, name = src, str(src)
@@ -125,7 +129,11 @@ def load_image(src, *, min_side: int = 1, max_pixels: Optional[int] = None):
             raise InputError(f"{name} is not an image in a format Pillow can read (JPEG, PNG, WebP, ...)",
                              "not_an_image") from e
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InputError(f"{name}: refused a decompression bomb: {e}", "too_large") from e
+            # Pillow refuses before we can read the size, quoting its own limit: quote ours
+            declared = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"of {int(declared.group(1))} pixels " if declared else ""
+            raise InputError(f"{name}: image {size}exceeds the limit of {limit} pixels (a decompression bomb: "
+                             f"refused before decoding)", "too_large") from e
         except (OSError, SyntaxError, ValueError) as e:
             raise InputError(f"{name} could not be decoded (truncated or corrupt): {e}", "corrupt") from e
     if min(img.size) < min_side:
@@ -175,18 +183,32 @@ def preprocess(images, cfg: PreprocessConfig) -> torch.Tensor:
 # Labels
 
 @functools.lru_cache(maxsize=1)
+def _imagenet_table() -> List[List[str]]:
+    text = resources.files("fastmvit").joinpath("data/imagenet_classes.tsv").read_text(encoding="utf-8")
+    rows = [line.split("\t", 1) for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(rows) == 1000, len(rows)
+    return rows
+
+
+@functools.lru_cache(maxsize=1)
 def imagenet_classes() -> List[str]:
     """The 1000 ImageNet-1k class names in training index order ("tench, Tinca tinca", ...)."""
-    text = resources.files("fastmvit").joinpath("data/imagenet_classes.tsv").read_text(encoding="utf-8")
-    names = [line.split("\t", 1)[1] for line in text.splitlines() if line and not line.startswith("#")]
-    assert len(names) == 1000, len(names)
-    return names
+    return [name for _, name in _imagenet_table()]
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_wnids() -> List[str]:
+    """The 1000 ImageNet-1k WordNet ids in training index order ("n01440764", ...): the folder names of
+    the ImageNet train and val trees."""
+    return [wnid for wnid, _ in _imagenet_table()]
 
 
 def topk(logits: torch.Tensor, k: int = 5, labels: Optional[Sequence[str]] = None) -> List[List[dict]]:
     """Softmax probabilities of the top ``k`` classes of each row: ``[[{"label", "index", "score"}, ...]]``."""
     if logits.dim() != 2:
         raise InputError(f"expected logits [B, num_classes], got shape {list(logits.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise OptionError(f"k must be a positive int (more than the classes gives them all), got {k!r}")
     if labels is None and logits.shape[1] == 1000:
         labels = imagenet_classes()
     probs = logits.float().softmax(dim=-1)

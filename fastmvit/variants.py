@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+from .errors import OptionError
 
 __all__ = [
     "TransformerSpec", "StageSpec", "Variant", "VARIANTS", "get_variant", "list_variants", "make_divisible",
@@ -149,4 +150,4 @@ def get_variant(name: str) -> Variant:
     if key in _ALIASES:
         return _ALIASES[key]
     valid = ", ".join(f"{v.name!r} ({v.timm_name})" for v in VARIANTS.values())
-    raise ValueError(f"unknown MobileViT variant {name!r}; valid names: {valid}")
+    raise OptionError(f"unknown MobileViT variant {name!r}; valid names: {valid}")

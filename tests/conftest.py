@@ -23,6 +23,76 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch.manual_seed(0)
 
+# Every replayed launch plan is checked against its recording (same ops, same tensor layouts).
+from fastmvit.engine.engine import Engine  # noqa: E402  (no kernels imported: they load with the first engine)
+
+Engine.check_replays = True
+
+
+# ---- Running the suite in parallel (pytest-xdist) --------------------------------------------------
+# The whole suite (`python -m pytest tests -q`, what CI runs) is spread over two worker processes: most of
+# its time is the Triton interpreter, pure Python on one core. A narrower run (a file, a test id, -k, -m)
+# stays in one process, as does any run where pytest-xdist is not installed; an explicit -n N decides
+# instead (-n 0: serial).
+WORKERS = 2
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _workers(config) -> int:
+    """WORKERS for a whole-directory run, 0 (serial) for a narrower one or on one CPU."""
+    o = config.option
+    if o.keyword or o.markexpr or o.collectonly or getattr(o, "usepdb", False) or o.maxfail:
+        return 0
+    if any("::" in a or not os.path.isdir(a) for a in config.args):
+        return 0
+    return min(WORKERS, _cpus()) if _cpus() > 1 else 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Before pytest-xdist reads its options: ask for the workers when -n was not given."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    if config.option.numprocesses is None and config.option.dist == "no":
+        n = _workers(config)
+        if n:
+            config.option.numprocesses, config.option.dist = n, "loadgroup"
+
+
+# In a worker, use a fair share of the CPUs: two processes of two threads each on two cores are many
+# times slower than one thread each (they preempt each other inside every parallel op). The servers and
+# command lines the tests start inherit OMP_NUM_THREADS.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, _cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_share)
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+
+
+# Tests that share an expensive module-scoped fixture (a real server) run in one worker, so it starts
+# once (pytest's --dist loadgroup); every other test is handed to whichever worker is free.
+SHARED_SERVER_MODULES = ("test_litserve_server.py", "test_triton_server.py", "test_litserve_faults.py",
+                         "test_triton_faults.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SHARED_SERVER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+# timm imports torchvision, which has no build that loads with the CPU torch: make its pure-Python parts
+# importable (tests/torchvision_standin.py; a no-op where a real torchvision loads).
+from .torchvision_standin import install as _install_torchvision  # noqa: E402
+
+TORCHVISION = _install_torchvision()
+
+
+def pytest_report_header(config):
+    return f"timm tests: {TORCHVISION}"
+
 
 @pytest.fixture(autouse=True)
 def _no_network_cache(tmp_path_factory, monkeypatch):

@@ -250,16 +250,45 @@ def test_fastmvit_engines_pass_backend_and_cuda_graphs(monkeypatch):
 
 
 def test_eager_engines_compute_the_same_logits():
+    """Every eager engine the CPU table lists against an independent one: Hugging Face's model in float64
+    (fastmvit, torch-eager and torch-channels-last are all fastmvit's torch path on a CPU; timm too where
+    it imports). Bound: FACTOR x HF's own float32 error plus a few ulps; every engine got the same input.
+    Autocast (bfloat16) within FACTOR x the bfloat16-cast torch path's error: measured, not a fraction of
+    the largest logit."""
     pytest.importorskip("transformers")
-    outs = {n: E.ENGINES[n].build("xxs", 2, "float32", CPU, 32).fn() for n in
-            ("torch-eager", "hf-eager", "torch-channels-last", "fastmvit")}
+    from tests.utils import FACTOR, REL_FLOOR, max_err
+
+    names = ["torch-eager", "torch-channels-last", "fastmvit", "hf-eager"]
+    names += [] if E._import_problem("timm") else ["timm-eager"]
+    built = {n: E.ENGINES[n].build("xs", 2, "float32", CPU, 64) for n in names}
+    hf = built["hf-eager"]
+    x = hf.x
+    hf64 = E._HFLogits(E.hf_model("xs")).double()
+    with torch.inference_mode():
+        ref64 = hf64(x.double())
+    bound = FACTOR * max_err(hf.fn(), ref64) + REL_FLOOR[torch.float32] * ref64.abs().max().item()
+    for name, prepared in built.items():
+        assert torch.equal(prepared.x.contiguous(), x), f"{name} got another input"
+        assert max_err(prepared.fn(), ref64) <= bound, (name, max_err(prepared.fn(), ref64), bound)
+    amp = E.ENGINES["torch-autocast"].build("xs", 2, "bfloat16", CPU, 64)
+    assert amp.x.dtype == torch.float32 and torch.equal(amp.x, x)
+    bf16 = E.ENGINES["torch-eager"].build("xs", 2, "bfloat16", CPU, 64)
+    amp_bound = FACTOR * max_err(bf16.fn(), ref64) + REL_FLOOR[torch.bfloat16] * ref64.abs().max().item()
+    amp_err = max_err(amp.fn(), ref64)
+    assert bound < amp_err <= amp_bound, (amp_err, bound, amp_bound)  # autocast applied, and within bfloat16 error
+
+
+def test_segmentation_engines_compute_the_same_logits():
+    """deeplabv3-<variant> runs in the benchmark: fastmvit and HF on the same reference weights agree."""
+    pytest.importorskip("transformers")
+    outs = {n: E.ENGINES[n].build("deeplabv3-xxs", 1, "float32", CPU, 64).fn() for n in
+            ("torch-eager", "hf-eager", "fastmvit")}
     ref = outs.pop("torch-eager")
-    assert ref.shape == (2, 1000) and ref.abs().max() > 0.1
+    assert ref.shape == (1, 21, 4, 4) and ref.abs().max() > 0.1
     for name, out in outs.items():
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=name)
-    amp = E.ENGINES["torch-autocast"].build("xxs", 2, "bfloat16", CPU, 32)
-    assert amp.x.dtype == torch.float32
-    assert (amp.fn().float() - ref).abs().max() < 0.25 * ref.abs().max()
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0, msg=name)
+    with pytest.raises(E.Unavailable, match="timm has no MobileViT segmentation"):
+        E._timm_model("deeplabv3-xxs")
 
 
 def test_compiled_engine_resets_dynamo_and_maps_modes(monkeypatch):
@@ -417,6 +446,79 @@ def test_cli_bench_then_report(tmp_path, capsys):
     assert main(["bench", "--engines", "nope"]) == 2
 
 
+TINY = ["bench", "--device", "cpu", "--models", "xxs", "--batches", "1", "--size", "64", "--seconds", "0",
+        "--min-rounds", "2", "--warmup", "1", "--engines", "fastmvit,torch-eager", "--quiet"]
+
+
+def test_bench_labels_rows_and_warns_when_the_machine_was_busy(tmp_path, capsys, monkeypatch):
+    """Load injected into the function that reads it: with other work on every CPU the table says the
+    machine was busy, marks its ratios doubtful and asks for a quieter rerun; without, it does not. Either
+    way each row says what it runs here (on a CPU "fastmvit" is the torch path, and its logits check is a
+    comparison with itself)."""
+    from fastmvit.__main__ import main
+
+    cpus = RS.cpu_count()
+    monkeypatch.setattr(RS, "load_average", lambda: [4.0 * cpus, 3.0 * cpus, 2.0 * cpus])
+    assert main(TINY + ["--no-measure-peak", "--json", str(tmp_path / "busy.json")]) == 0
+    captured = capsys.readouterr()
+    text = captured.out
+    assert f"note: the machine is busy (load average {4.0 * cpus:.1f} on {cpus} CPUs" in captured.err
+    assert "WARNING: the machine was busy while measuring" in text and "rerun when it is quiet" in text
+    assert "--threads 1" in text
+    rows = [line for line in text.splitlines() if line.startswith("xxs ")]
+    assert len(rows) == 2 and all("x?" in row for row in rows)  # every speed-up marked doubtful
+    assert RS.Run.load(tmp_path / "busy.json").meta["busy"]
+    legend = text[text.index("what each row runs on this device:"):text.index("model ")]
+    fast = next(line for line in legend.splitlines() if line.strip().startswith("fastmvit "))
+    assert "torch path" in fast and "fused engine runs on CUDA tensors only" in fast
+    assert all(row.split()[-1] == "self" for row in rows)  # both run the reference path: no check claimed
+
+    monkeypatch.setattr(RS, "load_average", lambda: [0.0, 0.0, 0.0])
+    assert main(TINY + ["--no-measure-peak"]) == 0
+    captured = capsys.readouterr()
+    assert "busy" not in captured.out + captured.err and "x?" not in captured.out
+
+
+def test_busy_reasons_read_the_load_and_the_spread_of_repeated_peaks(monkeypatch):
+    cpus = RS.cpu_count()
+    quiet = {"cpus": cpus, "threads": cpus, "device_type": "cpu", "load_average": [0.2, 0.2, 0.2],
+             "load_average_end": [cpus + 0.2, 1, 1], "peak": {"spread": {"bandwidth_GBps": 1.1}}}
+    assert RS.busy_reasons(quiet) == []  # this run's own threads are not "other work"
+    assert RS.busy_reasons(dict(quiet, load_average_end=[2.5 * cpus + 1, 1, 1]))[0].startswith("load average")
+    spread = RS.busy_reasons(dict(quiet, peak={"spread": {"tflops.float32": 3.0}}))
+    assert spread == ["the repeated peak measurements varied up to 3.0x (tflops.float32)"]
+    # peaks.measure records how far its repeats varied: varying timings injected where it reads the clock
+    times = iter([0.010, 0.030, 0.010, 0.010, 0.010] + [0.02] * 5)
+    monkeypatch.setattr(P, "time_call", lambda fn, device: next(times))
+    peak = P.measure(CPU, dtypes=("float32",))
+    assert peak["spread"] == {"bandwidth_GBps": pytest.approx(3.0), "tflops.float32": pytest.approx(1.0)}
+
+
+def test_bench_engines_says_what_runs_here():
+    """On a CPU-only machine no engine claims the fused kernels: "fastmvit" is listed as the torch path."""
+    from fastmvit.__main__ import main
+
+    if torch.cuda.is_available():
+        pytest.skip("lists the fused engine on CUDA")
+    kind, what = E.ENGINES["fastmvit"].runs_on(CPU)
+    assert kind == "torch path" and "fused" not in what.replace("the fused engine runs on CUDA", "")
+    assert E.ENGINES["torch-eager"].computes_reference(CPU) and E.ENGINES["fastmvit"].computes_reference(CPU)
+    assert not E.ENGINES["torch-channels-last"].computes_reference(CPU)
+    assert E.ENGINES["hf-eager"].runs_on(CPU)[0] == "HF transformers"
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["bench", "engines", "--device", "cpu"]) == 0
+    lines = {line.split()[0]: line for line in out.getvalue().splitlines()[1:]}
+    assert "torch path" in lines["fastmvit"] and "fused kernels" not in lines["fastmvit"]
+    assert "unavailable" in lines["fastmvit-nograph"]
+    available = [line for line in lines.values() if line.rstrip().endswith(("available", "(opt-in)"))
+                 and "unavailable" not in line]
+    assert available and not any("fused engine:" in line or "fused kernels" in line for line in available)
+
+
 def test_import_is_light_and_bench_suite_collects_without_running():
     code = ("import sys, fastmvit.benchmark; "
             "print([m for m in ('transformers', 'timm', 'matplotlib', 'triton') if m in sys.modules])")
@@ -441,4 +543,6 @@ def test_merge_runs_of_one_device_and_refuse_mixed(tmp_path):
     with pytest.raises(ValueError, match="different devices"):
         RS.Run.merge([a, b])
     pa, pb = a.save(tmp_path / "a.json"), b.save(tmp_path / "b.json")
-    assert cli.main(["report", str(pa), str(pb), "--no-plots"]) == 2
+    from fastmvit.__main__ import main
+
+    assert main(["bench", "report", str(pa), str(pb), "--no-plots"]) == 2

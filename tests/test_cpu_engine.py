@@ -260,8 +260,10 @@ def test_benchmark_peers_and_cpu_engine_rows_compute_the_torch_paths_logits():
     for name in rows:
         with torch.inference_mode():
             _close(E.ENGINES[name].build("xxs", 2, "float32", cpu_device, 160).fn(), ref)
-    assert E.ENGINES["fastmvit"].runs(cpu_device, "float32").startswith(f"fastmvit's CPU engine on {INSTALLED[0]}")
-    assert E.ENGINES["fastmvit"].runs(cpu_device, "float16").startswith("fastmvit's plain PyTorch modules")
+    kind, what = E.ENGINES["fastmvit"].runs_on(cpu_device, "float32")
+    assert kind == "CPU engine" and E.PEERS[INSTALLED[0]] in what
+    assert E.ENGINES["fastmvit"].runs_on(cpu_device, "float16")[0] == "torch path"
+    assert not E.ENGINES["fastmvit"].computes_reference(cpu_device)
 
 
 def test_benchmark_peers_say_why_they_cannot_run(monkeypatch):

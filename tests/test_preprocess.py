@@ -45,7 +45,8 @@ def _hf_processor(cfg: PreprocessConfig):
     PreprocessConfig(256, 288, "bilinear", "BGR", "floor"),   # Apple's hub preprocessor_config.json
     PreprocessConfig(256, 288, "bicubic", "RGB", "floor"),
     PreprocessConfig(224, 256, "bilinear", "BGR", "floor"),
-], ids=["hub-v1", "rgb-bicubic", "224"])
+    PreprocessConfig(512, 544, "bilinear", "BGR", "floor"),   # Apple's DeepLabV3 hub preprocessor_config.json
+], ids=["hub-v1", "rgb-bicubic", "224", "hub-deeplabv3"])
 def test_matches_hugging_face_processor(image_files, cfg):
     processor = _hf_processor(cfg)
     for path in image_files:
@@ -127,6 +128,16 @@ def test_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(InputError, match="(decompression bomb|exceeds the limit)") as err:
         load_image(buf.getvalue())
     assert err.value.reason == "too_large"
+    # Pillow refuses it on its own (over twice its limit): the message quotes the limit the caller set
+    with pytest.raises(InputError, match=r"image of 1600000000 pixels exceeds the limit of 40000000 pixels "
+                                         r"\(a decompression bomb") as err:
+        load_image(buf.getvalue(), max_pixels=40_000_000)
+    assert "178956970" not in str(err.value) and err.value.reason == "too_large"
+
+
+def test_directory_is_not_an_image(tmp_path):
+    with pytest.raises(InputError, match="is a directory, not an image file"):
+        load_image(tmp_path)
 
 
 def test_not_a_file():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import fastmvit
 from fastmvit import MobileViT, get_variant, list_models
 from fastmvit.variants import VARIANTS, make_divisible
 
@@ -37,6 +38,8 @@ def test_aliases(alias, name):
 def test_unknown_name_lists_valid_ones(bad):
     with pytest.raises(ValueError, match="valid names: 'xxs' \\(mobilevit_xxs\\).*'v2-2.0' \\(mobilevitv2_200\\)"):
         get_variant(bad)
+    with pytest.raises(fastmvit.FastMViTError):  # one type for every bad name or option, a ValueError too
+        fastmvit.load(bad, pretrained=False)
 
 
 def test_name_must_be_a_string():

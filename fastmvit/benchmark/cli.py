@@ -6,6 +6,7 @@
     python -m fastmvit bench roofline --models s,v2-1.0 --batches 1,256 --dtypes float16
     python -m fastmvit bench kernels              # fused kernels against the eager ops (CUDA)
     python -m fastmvit bench engines              # every engine and whether it can run here
+    python -m fastmvit bench host                 # host (Python) cost per forward, launches stubbed
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from . import engines as E
 from .harness import Budget, measure_interleaved, progress
 from .peaks import device_peak
 from .report import render_terminal, write_report
-from .results import Result, Run, environment, finish
+from .results import Result, Run, busy_reasons, environment, finish
 from .roofline import roofline_row
+from ..api import parse_device
+from ..errors import OptionError
 from ..variants import get_variant
 
-# The quick defaults: about a minute on a 2-core CPU; the issue's key points on a GPU.
+# The quick defaults: about 25 s on an idle 2-core CPU (minutes on a busy one); the key points on a GPU.
 DEFAULTS = {"cpu": dict(models="xxs,s", batches="1,8", dtypes="float32", seconds=2.0, min_rounds=5, warmup=1),
             "cuda": dict(models="s", batches="1,8,64,256", dtypes="float16", seconds=1.0, min_rounds=20, warmup=2)}
 
@@ -35,11 +38,25 @@ def _csv(s: str) -> List[str]:
 
 
 def _device(name: Optional[str]) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError(f"the bench runs on cpu or cuda, not {name!r}")
+    return device
+
+
+def _positive_ints(s: str, what: str) -> List[int]:
+    try:
+        values = [int(x) for x in _csv(s)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise OptionError(f"{what} must be positive integers, comma-separated (e.g. 1,8); got {s!r}")
+    return values
 
 
 def _add_matrix(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", help="variants, comma-separated (default: cpu xxs,s; cuda s)")
+    p.add_argument("--models", help="variants, comma-separated (default: cpu xxs,s; cuda s); segmentation "
+                                    "models as deeplabv3-<variant> (with --size 512)")
     p.add_argument("--batches", help="batch sizes (default: cpu 1,8; cuda 1,8,64,256)")
     p.add_argument("--dtypes", help="float32, float16, bfloat16 (default: cpu float32; cuda float16)")
     p.add_argument("--size", type=int, default=256, help="image side (default 256)")
@@ -49,7 +66,7 @@ def _add_matrix(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastmvit bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fastmvit bench", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_matrix(p)
     p.add_argument("--engines", help="engines, comma-separated (default: the quick set; see `bench engines`)")
@@ -63,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the logits check against the float32 torch path")
     p.add_argument("--json", help="write the results file here")
     p.add_argument("--report", metavar="DIR", help="write results.json, report.md and plots into DIR")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core); on a busy "
+                                               "machine fewer threads can be much faster")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -117,7 +136,17 @@ def run_matrix(models, batches, dtypes, engines: List[E.Engine], device: torch.d
     return results
 
 
+def _model_name(name: str) -> str:
+    """A variant's short name, or "deeplabv3-<variant>" for a segmentation model."""
+    from ..segmentation import PREFIX, is_segmentation_name, segmentation_variant
+
+    return PREFIX + segmentation_variant(name).name if is_segmentation_name(name) else get_variant(name).name
+
+
 def _roofline(models, batches, dtypes, peak, size) -> List[dict]:
+    from ..segmentation import is_segmentation_name
+
+    models = [m for m in models if not is_segmentation_name(m)]  # the traffic model knows classifiers only
     if size % 64:
         print(f"note: no roofline at {size}x{size} (the traffic model takes multiples of 64)", file=sys.stderr)
         return []
@@ -126,12 +155,14 @@ def _roofline(models, batches, dtypes, peak, size) -> List[dict]:
 
 def _matrix(args, device):
     d = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
-    models = [get_variant(m).name for m in _csv(args.models or d["models"])]
-    batches = [int(b) for b in _csv(args.batches or d["batches"])]
+    models = [_model_name(m) for m in _csv(args.models or d["models"])]
+    batches = _positive_ints(args.batches or d["batches"], "--batches")
     dtypes = _csv(args.dtypes or d["dtypes"])
     bad = [x for x in dtypes if x not in E.DTYPES]
-    if bad:
-        raise SystemExit(f"unknown dtype(s) {bad}; use float32, float16, bfloat16")
+    if bad or not dtypes:
+        raise OptionError(f"unknown dtype(s) {bad}; use float32, float16, bfloat16")
+    if args.size < 32:
+        raise OptionError(f"--size must be at least 32 (MobileViT downsamples by 32), got {args.size}")
     return models, batches, dtypes, d
 
 
@@ -139,16 +170,21 @@ def _cmd_run(argv: List[str]) -> int:
     args = _parser().parse_args(argv)
     device = _device(args.device)
     models, batches, dtypes, d = _matrix(args, device)
-    try:
-        engines = E.select(_csv(args.engines) if args.engines else None, device, args.compile, args.max_autotune)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    engines = E.select(_csv(args.engines) if args.engines else None, device, args.compile, args.max_autotune)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise OptionError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     budget = Budget(warmup=d["warmup"] if args.warmup is None else args.warmup,
                     min_rounds=args.min_rounds or d["min_rounds"], max_rounds=args.max_rounds,
                     seconds=args.seconds or d["seconds"])
     meta = environment(device)
     meta["size"] = args.size
+    meta["runs"] = {e.name: e.runs_on(device, dtypes[0])[1] for e in engines}  # (a row's first dtype)
+    meta["computes_reference"] = [e.name for e in engines if e.computes_reference(device)]
+    early = busy_reasons(meta)
+    if early:
+        print(f"note: the machine is busy ({'; '.join(early)}): the timings will be noisy", file=sys.stderr)
     meta["peak"] = device_peak(device, meta["device"], not args.no_measure_peak, dtypes)
     run = Run(meta)
     targets = ([Path(args.json)] if args.json else []) + ([Path(args.report) / "results.json"] if args.report else [])
@@ -190,11 +226,7 @@ def _cmd_report(argv: List[str]) -> int:
     p.add_argument("--save", help="also write the (merged) results file here")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    try:
-        run = Run.merge([Run.load(f) for f in args.results])
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run = Run.merge([Run.load(f) for f in args.results])
     if args.save:
         run.save(args.save)
     out = write_report(run, args.out or Path(args.results[0]).parent, plots=not args.no_plots)
@@ -234,8 +266,13 @@ def _cmd_kernels(argv: List[str]) -> int:
     from . import kernels
     from .report import render_markdown
 
-    meta = environment(device)
+    families = sorted({c.family for c in kernels.cases(1, [get_variant(m).name for m in _csv(args.models)])})
+    if args.family is not None and args.family not in families:
+        raise OptionError(f"unknown kernel family {args.family!r}; known: {', '.join(families)}")
     dtypes = _csv(args.dtypes)
+    if not dtypes or any(dt not in E.DTYPES for dt in dtypes):
+        raise OptionError(f"--dtypes takes float32, float16, bfloat16; got {args.dtypes!r}")
+    meta = environment(device)
     meta["peak"] = device_peak(device, meta["device"], device.type == "cuda", dtypes)
     run = Run(meta)
     for dt in dtypes:
@@ -252,17 +289,27 @@ def _cmd_engines(argv: List[str]) -> int:
     p.add_argument("--dtype", default="float16")
     args = p.parse_args(argv)
     device = _device(args.device)
+    if args.dtype not in E.DTYPES:
+        raise OptionError(f"--dtype takes float32, float16, bfloat16; got {args.dtype!r}")
+    print(f"engines on {device} ({args.dtype}): what each runs here, and whether it can run")
     for e in E.ENGINES.values():
         try:
             e.check(device, args.dtype)
             state = "available" + (" (opt-in)" if e.opt_in else "")
+            what = e.runs_on(device)[1]
         except E.Unavailable as u:
-            state = f"unavailable: {u}"
-        print(f"{e.name:<24} {e.label:<62} {state}")
+            state, what = f"unavailable: {u}", e.label
+        print(f"{e.name:<24} {what:<62} {state}")
     return 0
 
 
-COMMANDS = {"report": _cmd_report, "roofline": _cmd_roofline, "kernels": _cmd_kernels, "engines": _cmd_engines,
+def _cmd_host(argv: List[str]) -> int:
+    from .host import main as host_main
+
+    return host_main(argv)
+
+
+COMMANDS = {"host": _cmd_host, "report": _cmd_report, "roofline": _cmd_roofline, "kernels": _cmd_kernels, "engines": _cmd_engines,
             "run": _cmd_run}
 
 

@@ -15,15 +15,17 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..errors import OptionError
 from ..variants import get_variant
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+PEERS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}  # CPU runtimes: peers and fastmvit's CPU engine
 
 
 class Unavailable(Exception):
@@ -34,10 +36,14 @@ class Unavailable(Exception):
 def reference_weights(variant: str, seed: int = 0) -> Dict[str, torch.Tensor]:
     """Seeded random weights with non-trivial BatchNorm statistics, float32 on the CPU: BatchNorm left at
     its defaults would be an identity and hide a wrongly converted tensor in the parity check."""
-    from ..model import MobileViT
+    from ..model import DeepLabV3, MobileViT
     from ..model.random import randomize_
+    from ..segmentation import is_segmentation_name, segmentation_variant
 
-    model = randomize_(MobileViT(variant, 1000), seed)
+    if is_segmentation_name(variant):  # "deeplabv3-s": Apple's head shape (21 classes, output stride 16)
+        model = randomize_(DeepLabV3(segmentation_variant(variant)), seed)
+    else:
+        model = randomize_(MobileViT(variant, 1000), seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -69,11 +75,25 @@ def _import_problem(module: str) -> str:
 
 
 def _timm_model(variant: str) -> nn.Module:
+    from ..segmentation import is_segmentation_name
+
+    if is_segmentation_name(variant):
+        raise Unavailable("timm has no MobileViT segmentation model")
     import timm
 
     model = timm.create_model(get_variant(variant).timm_name, pretrained=False, num_classes=1000)
     model.load_state_dict(reference_weights(variant))
     return model.eval()
+
+
+def _hf_config(v, **options):
+    import transformers as tr
+
+    if v.family == "v1":
+        return tr.MobileViTConfig(hidden_sizes=[s.transformer.dim for s in v.stages[2:]],
+                                  neck_hidden_sizes=[v.stem_channels, *v.stage_channels, v.final_conv_channels],
+                                  expand_ratio=float(v.stages[0].expand), **options)
+    return tr.MobileViTV2Config(width_multiplier=float(v.width), **options)
 
 
 def hf_model(variant: str) -> nn.Module:
@@ -84,16 +104,13 @@ def hf_model(variant: str) -> nn.Module:
 
     from ..weights import from_canonical
 
+    from ..segmentation import is_segmentation_name
+
+    if is_segmentation_name(variant):
+        return _hf_segmentation_model(variant)
     v = get_variant(variant)
-    if v.family == "v1":
-        config = tr.MobileViTConfig(
-            hidden_sizes=[s.transformer.dim for s in v.stages[2:]],
-            neck_hidden_sizes=[v.stem_channels, *v.stage_channels, v.final_conv_channels],
-            expand_ratio=float(v.stages[0].expand), num_labels=1000)
-        model = tr.MobileViTForImageClassification(config)
-    else:
-        model = tr.MobileViTV2ForImageClassification(tr.MobileViTV2Config(width_multiplier=float(v.width),
-                                                                          num_labels=1000))
+    cls = tr.MobileViTForImageClassification if v.family == "v1" else tr.MobileViTV2ForImageClassification
+    model = cls(_hf_config(v, num_labels=1000))
     missing, unexpected = model.load_state_dict(from_canonical(reference_weights(variant), v.name, "hf"),
                                                 strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -159,6 +176,20 @@ def _peer_problem(source: str, device: torch.device, dtype: str) -> str:
         if dtype != "bfloat16" or "BF16" not in caps:
             return f"OpenVINO computes in {', '.join(caps)} on this CPU, not {dtype}"
     return ""
+
+
+def _hf_segmentation_model(name: str) -> nn.Module:
+    """Hugging Face's MobileViT[V2]ForSemanticSegmentation (output stride 16) with the reference weights."""
+    import transformers as tr
+
+    from ..segmentation import segmentation_variant
+    from ..weights.segmentation import segmentation_from_canonical
+
+    v = segmentation_variant(name)
+    cls = tr.MobileViTForSemanticSegmentation if v.family == "v1" else tr.MobileViTV2ForSemanticSegmentation
+    model = cls(_hf_config(v, num_labels=21, output_stride=16))
+    model.load_state_dict(segmentation_from_canonical(reference_weights(name), v.name, "hf"))
+    return model.eval()
 
 
 class _HFLogits(nn.Module):
@@ -228,21 +259,45 @@ class Engine:
         if self.compile_mode == "reduce-overhead" and device.type != "cuda":
             raise Unavailable("mode='reduce-overhead' uses CUDA graphs: CUDA only")
 
-    def runs(self, device: torch.device, dtype: str) -> str:
-        """What this row actually runs on ``device`` in ``dtype``: a 'fastmvit' row is the fused engine, the
-        CPU engine or the plain PyTorch modules depending on both (``fastmvit.engine.dispatch`` decides)."""
-        if self.source != "fastmvit":
-            return self.label
-        from ..engine import FUSED, TORCH, choose_engine
+    def runs_on(self, device: torch.device, dtype: str = "float32") -> Tuple[str, str]:
+        """What this engine executes on ``device`` in ``dtype``: ``(kind, in words)``. kind is "fused
+        engine", "CPU engine", "torch path", "timm", "HF transformers", "ONNX Runtime" or "OpenVINO"; the
+        bench labels every row with it, so a row named "fastmvit" says what it runs on this device (on a CPU,
+        fastmvit.engine.dispatch picks the CPU engine or the plain modules by dtype and installed runtimes)."""
+        how = [w for w, on in (("channels-last", self.channels_last), ("autocast", self.autocast)) if on]
+        if self.compile_mode is not None:
+            how.insert(0, f"torch.compile mode={self.compile_mode}")
+        if self.source == "fastmvit":
+            from ..engine import FUSED, TORCH, choose_engine
 
-        which = choose_engine(self.backend or "auto", torch.empty(0, device=device, dtype=DTYPES[dtype]))
-        if which == FUSED:
-            return "fastmvit fused kernels" + (", CUDA graphs" if self.cuda_graphs is not False else "")
-        if which == TORCH:
-            return "fastmvit's plain PyTorch modules (no fused or CPU engine for this device and dtype)"
-        from ..cpu import RUNTIMES
+            if self.backend in PEERS and device.type != "cpu":
+                return "CPU engine", f"CPU engine on {self.backend} (CPU tensors only)"
+            which = choose_engine(self.backend or "auto", torch.empty(0, device=device, dtype=DTYPES[dtype]))
+            if which == FUSED:
+                if device.type == "cuda":
+                    how.append("CUDA graphs" if self.cuda_graphs is not False else "no CUDA graphs")
+                else:
+                    how.append("Triton interpreter: for tests, not speed")
+                return "fused engine", "fused engine: Triton kernels" + "".join(f", {w}" for w in how)
+            if which != TORCH:
+                from ..cpu import RUNTIMES
 
-        return f"fastmvit's CPU engine on {which} {RUNTIMES[which].version()}"
+                return "CPU engine", (f"CPU engine: fastmvit's graph exported to ONNX, run by {PEERS[which]} "
+                                      f"{RUNTIMES[which].version()}")
+            return "torch path", ("torch path: fastmvit's plain PyTorch modules (no fused or CPU engine for "
+                                  f"{device.type} {dtype} here)" + "".join(f", {w}" for w in how))
+        if self.source in PEERS:
+            return PEERS[self.source], f"{self.label}: the torch path exported to ONNX (static shape)"
+        if self.source == "torch":
+            return "torch path", "torch path: fastmvit's plain PyTorch modules" + "".join(f", {w}" for w in how)
+        kind = {"timm": "timm", "hf": "HF transformers"}.get(self.source, self.source)
+        return kind, f"{kind} eager" + "".join(f", {w}" for w in how)
+
+    def computes_reference(self, device: torch.device) -> bool:
+        """True when, in float32, this engine computes exactly what the benchmark's logits check compares
+        with (fastmvit's float32 torch path): its max|dlogit| is then 0 by construction and checks nothing."""
+        return (self.runs_on(device)[0] == "torch path" and not self.channels_last and not self.autocast
+                and self.compile_mode is None)
 
     def build(self, variant: str, batch: int, dtype: str, device: torch.device, size: int = 256) -> Prepared:
         self.check(device, dtype)
@@ -331,7 +386,7 @@ COMPILED = ["compile", "compile-reduce-overhead"]
 def select(names: Optional[List[str]], device: torch.device, compiled: bool = False,
            max_autotune: bool = False) -> List[Engine]:
     """Engines by name (None: the quick set for the device, plus torch.compile if ``compiled``, plus
-    max-autotune if ``max_autotune``). Unknown names raise ValueError listing the valid ones."""
+    max-autotune if ``max_autotune``). Unknown names raise OptionError (a ValueError) listing the valid ones."""
     if names is None:
         names = list(QUICK["cuda" if device.type == "cuda" else "cpu"])
         if compiled:
@@ -341,5 +396,5 @@ def select(names: Optional[List[str]], device: torch.device, compiled: bool = Fa
         names.append("compile-max-autotune")
     unknown = [n for n in names if n not in ENGINES]
     if unknown:
-        raise ValueError(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
+        raise OptionError(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
     return [ENGINES[n] for n in names]

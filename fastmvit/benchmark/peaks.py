@@ -3,7 +3,7 @@ GEMM), the datasheet's numbers otherwise, each labelled with where it came from.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -38,18 +38,21 @@ def datasheet(name: str) -> Optional[dict]:
     return None
 
 
-def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Best of ``repeats`` timed calls after two untimed ones: a peak is the best the device does."""
+def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> Tuple[float, Optional[float]]:
+    """Best of ``repeats`` timed calls after two untimed ones (a peak is the best the device does), and
+    the worst of them over the best: how much the repeats varied (None with ``do_bench``). On an idle
+    machine the repeats agree; a wide spread means other work was competing for the device."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
 
-            return do_bench(fn, warmup=25, rep=100, return_mode="min") / 1e3
+            return do_bench(fn, warmup=25, rep=100, return_mode="min") / 1e3, None
         except ImportError:
             pass
     fn()
     fn()
-    return min(time_call(fn, device) for _ in range(repeats))
+    times = [time_call(fn, device) for _ in range(repeats)]
+    return min(times), max(times) / min(times)
 
 
 @contextlib.contextmanager
@@ -69,13 +72,15 @@ def measure(device: torch.device, dtypes=("float32", "float16", "bfloat16")) -> 
     CUDA: copy between two 1 GiB buffers (20x the L2 of an H100), GEMMs of 8192^3. CPU: 256 MiB copy
     and 1024^3 GEMMs, in seconds. A measurement that fails is left out."""
     on_gpu = device.type == "cuda"
-    peak: dict = {"tflops": {}, "source": {}}
+    peak: dict = {"tflops": {}, "source": {}, "spread": {}}
     nbytes = (1 << 30) if on_gpu else (256 << 20)
     try:
         src = torch.full((nbytes // 4,), 1.5, device=device)
         dst = torch.empty_like(src)
-        t = _best_seconds(lambda: dst.copy_(src), device, repeats=5)
+        t, spread = _best_seconds(lambda: dst.copy_(src), device, repeats=5)
         peak["bandwidth_GBps"] = 2 * nbytes / t / 1e9
+        if spread is not None:
+            peak["spread"]["bandwidth_GBps"] = spread
         peak["source"]["bandwidth_GBps"] = f"measured (copy of {nbytes >> 20} MiB)"
         del src, dst
     except Exception as e:  # out of memory, say: fall back to the datasheet
@@ -86,8 +91,10 @@ def measure(device: torch.device, dtypes=("float32", "float16", "bfloat16")) -> 
             a = torch.randn(n, n, device=device, dtype=DTYPES[name])
             b = torch.randn(n, n, device=device, dtype=DTYPES[name])
             with _strict_fp32():
-                t = _best_seconds(lambda: torch.mm(a, b), device, repeats=5)
+                t, spread = _best_seconds(lambda: torch.mm(a, b), device, repeats=5)
             peak["tflops"][name] = 2 * n ** 3 / t / 1e12
+            if spread is not None:
+                peak["spread"][f"tflops.{name}"] = spread
             peak["source"][f"tflops.{name}"] = f"measured (GEMM {n}^3)"
             del a, b
         except Exception as e:

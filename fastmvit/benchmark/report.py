@@ -93,10 +93,20 @@ def _ms(x: float) -> str:
 
 
 def render_terminal(run: Run) -> str:
-    """One line per measurement, grouped by model and dtype; then what was not measured, and why."""
+    """What each engine runs here, then one line per measurement, grouped by model and dtype; what was not
+    measured, and why; and, when other work competed with the run, a warning that its numbers are doubtful."""
     m = run.meta
+    busy = m.get("busy") or []
+    doubt = "?" if busy else ""
     lines = [f"fastmvit bench | {m['device']} | torch {m['versions']['torch']} | {m['date']}",
              f"peak: {format_peak(m.get('peak') or {})}", ""]
+    measured = list(OrderedDict.fromkeys(r.engine for r in run.results))
+    runs = m.get("runs") or {}
+    if runs:
+        lines.append("what each row runs on this device:")
+        lines += [f"  {name:<24} {runs[name]}" for name in measured if name in runs]
+        lines.append("")
+    same = set(m.get("computes_reference") or [])
     head = (f"{'model':<8} {'dtype':<9} {'batch':>5}  {'engine':<24} {'ms/batch':>9} {'+-':>7} "
             f"{'images/s':>10} {'speed-up':>9} {'roofline':>9} {'max|dlogit|':>11}")
     lines += [head, "-" * len(head)]
@@ -104,20 +114,28 @@ def render_terminal(run: Run) -> str:
         base = baseline(run.results, variant, dtype, size)
         for r in sorted((r for r in rs if r.status == "ok"), key=lambda r: r.batch):
             s, share = speedup(run.results, r, base), roofline_share(run, r)
+            diff = "self" if r.engine in same and r.dtype == "float32" else _fmt(r.max_abs_diff, ".2g")
             lines.append(f"{variant:<8} {dtype:<9} {r.batch:>5}  {r.engine:<24} {r.ms.median:>9.3f} "
                          f"{(r.ms.q3 - r.ms.q1) / 2:>7.3f} {r.images_per_s:>10.1f} "
-                         f"{_fmt(s, '.2f') + 'x' if s else '-':>9} {_fmt(share, '.1f') + '%' if share else '-':>9} "
-                         f"{_fmt(r.max_abs_diff, '.2g'):>11}")
+                         f"{_fmt(s, '.2f') + 'x' + doubt if s else '-':>9} "
+                         f"{_fmt(share, '.1f') + '%' + doubt if share else '-':>9} {diff:>11}")
         lines.append("")
     if any(r.status == "ok" for r in run.results):
         lines.append("speed-up: over " + " / ".join(BASELINES) + " (the first that ran); +-: half the "
                      "interquartile range; roofline: the fused plan's floor time over the measured time; "
-                     "max|dlogit|: against fastmvit's float32 torch path, same weights")
+                     "max|dlogit|: against fastmvit's float32 torch path, same weights (self: the row runs "
+                     "that very path, so there is nothing to compare)")
     tg = [t for t in targets(run) if t["met"] is not None]
     if tg:
-        lines += ["", "targets (MobileViT-S, 256x256, float16):"]
-        lines += [f"  {'met    ' if t['met'] else 'NOT MET'}  {t['target']}: {t['measured']}" for t in tg]
+        lines += ["", "targets (MobileViT-S, 256x256, float16)" + (": not judged, the machine was busy" if busy else ":")]
+        lines += [f"  {('?      ' if busy else 'met    ' if t['met'] else 'NOT MET')}  {t['target']}: {t['measured']}"
+                  for t in tg]
     lines += [""] + _not_measured(run.results)
+    if busy:
+        lines += ["", f"WARNING: the machine was busy while measuring ({'; '.join(busy)}). Other processes "
+                      "competed for it, so the times and the ratios marked ? are doubtful: rerun when it is "
+                      "quiet (`uptime` shows a load average below about half the CPUs)"
+                      + (", or with fewer threads (--threads 1)" if m.get("device_type") == "cpu" else "") + "."]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -128,7 +146,8 @@ def _not_measured(results: List[Result]) -> List[str]:
             reasons.setdefault((r.engine, r.status, r.reason), []).append(f"{r.variant}/{r.dtype}/b{r.batch}")
     lines = ["not measured:"] if reasons else []
     for (engine, status, reason), where in reasons.items():
-        lines.append(f"  {engine} ({status}, {len(where)} configs): {reason}")
+        n = len(where)
+        lines.append(f"  {engine} ({status}, {n} {'config' if n == 1 else 'configs'}): {reason}")
     return lines
 
 
@@ -152,6 +171,12 @@ def render_markdown(run: Run, plots: Optional[List[str]] = None) -> str:
                       + ([["load average (1/5/15 min), start / end",
                            f"{_loads(m.get('load_average'))} / {_loads(m.get('load_average_end'))} "
                            f"on {m.get('threads')} threads"]] if m.get("device_type") == "cpu" else []))
+    if m.get("busy"):
+        lines += ["", f"**Doubtful: the machine was busy while measuring** ({'; '.join(m['busy'])}); rerun on a "
+                      "quiet machine before drawing conclusions."]
+    if m.get("runs"):
+        lines += ["", "What each engine runs on this device: "
+                  + "; ".join(f"`{name}`: {what}" for name, what in m["runs"].items()) + "."]
     size = m.get("size", 256)
     lines += ["", f"Times are per batch of random {size}x{size} images (inputs prepared and warm-up calls made outside "
               "the timed region; the device is synchronised inside every timed call): the median of the "

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..errors import OptionError
+
 SCHEMA = "fastmvit-bench/1"
 
 
@@ -107,7 +109,7 @@ class Run:
         point. Runs from different devices are refused: their numbers must not share a table."""
         devices = {r.meta.get("device") for r in runs}
         if len(devices) > 1:
-            raise ValueError(f"results from different devices cannot be merged: {sorted(map(str, devices))}")
+            raise OptionError(f"results from different devices cannot be merged: {sorted(map(str, devices))}")
         meta = dict(runs[0].meta)
         if len(runs) > 1:
             meta["merged_from"] = [{"date": r.meta.get("date"), "command": r.meta.get("command")} for r in runs]
@@ -127,9 +129,15 @@ class Run:
     def load(cls, path) -> "Run":
         import json
 
-        d = json.loads(Path(path).read_text())
-        if d.get("schema") != SCHEMA:
-            raise ValueError(f"{path}: not a fastmvit results file (schema {d.get('schema')!r}, want {SCHEMA!r})")
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise OptionError(f"no such results file: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise OptionError(f"{path}: not a fastmvit results file (not readable JSON: {e})") from None
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            d = d if isinstance(d, dict) else {}
+            raise OptionError(f"{path}: not a fastmvit results file (schema {d.get('schema')!r}, want {SCHEMA!r})")
         return cls(d["meta"], [Result.from_dict(r) for r in d["results"]], d.get("roofline", []),
                    d.get("kernels", []))
 
@@ -192,10 +200,44 @@ def load_average() -> Optional[list]:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def finish(meta: dict) -> dict:
-    """Stamp the end of a run on its ``meta``: the load average then."""
+    """Stamp the end of a run on its ``meta``: the load average then, and whether the machine was busy."""
     meta["load_average_end"] = load_average()
+    meta["busy"] = busy_reasons(meta)
     return meta
+
+
+# Other work on the machine: busy when, beside this run, more runnable threads than half the CPUs (at least
+# one) waited on average over the last minute, or when repeated peak measurements varied by more than half.
+BUSY_LOAD_PER_CPU = 0.5
+BUSY_PEAK_SPREAD = 1.5
+
+
+def busy_reasons(meta: dict) -> List[str]:
+    """Why the numbers of a run are doubtful because other work competed with it; [] when it ran on a quiet
+    machine. Reads the load averages ``environment`` and ``finish`` recorded and the spread of the
+    repeated peak measurements (``peaks.measure``)."""
+    reasons = []
+    cpus = meta.get("cpus") or cpu_count()
+    limit = max(1.0, BUSY_LOAD_PER_CPU * cpus)
+    start, end = meta.get("load_average"), meta.get("load_average_end")
+    # At the end the 1-minute average includes this run's own threads (one on a GPU: the host thread).
+    own = min(meta.get("threads") or 1, cpus) if meta.get("device_type") == "cpu" else 1
+    if start and start[0] >= limit:
+        reasons.append(f"load average {start[0]:.1f} on {cpus} CPUs when the run started")
+    if end and end[0] - own >= limit:
+        reasons.append(f"load average {end[0]:.1f} on {cpus} CPUs at the end, of which this run's own "
+                       f"threads account for about {own}")
+    spreads = {k: v for k, v in ((meta.get("peak") or {}).get("spread") or {}).items() if v and v > BUSY_PEAK_SPREAD}
+    if spreads:
+        worst = max(spreads, key=spreads.get)
+        reasons.append(f"the repeated peak measurements varied up to {spreads[worst]:.1f}x ({worst})")
+    return reasons
 
 
 def environment(device: torch.device) -> dict:
@@ -221,6 +263,7 @@ def environment(device: torch.device) -> dict:
         },
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
+        "cpus": cpu_count(),
         # Other work on the machine makes CPU timings noisy: record how busy it was (1, 5, 15 minutes),
         # here and, via ``finish``, at the end of the run.
         "load_average": load_average(),

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from ..errors import OptionError
 from ..variants import Variant, get_variant, make_divisible
 
 PLANS = ("ideal", "fastmvit", "layerwise")
@@ -145,7 +146,7 @@ def profile(variant, size: int = 256) -> Profile:
     patches need no resizing, which this model does not count."""
     v: Variant = get_variant(variant)
     if size % 64:
-        raise ValueError(f"the roofline model takes sizes that are multiples of 64, got {size}")
+        raise OptionError(f"the roofline model takes sizes that are multiples of 64, got {size}")
     p = Profile(v.name, size, input=3 * size * size)
     hw = (size // 2) ** 2
     _conv(p, 3, v.stem_channels, 3, hw)

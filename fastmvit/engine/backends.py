@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .graphs import DEFAULT_MAX_BATCH
+from .graphs import DEFAULT_MEMORY_FRACTION
 
 
 def extension_status() -> str:
@@ -42,6 +42,7 @@ def op_backends() -> Dict[str, str]:
         "global pool + classifier": "pooling in the epilogue of the last 1x1 conv (fastmvit::linear_pool), "
                                     "then fastmvit::pool_linear on the pooled features",
         "odd-size resize (rare)": "torch F.interpolate",
-        "CUDA graphs": f"batches up to {DEFAULT_MAX_BATCH} (load(..., cuda_graphs=False) turns them off)",
+        "CUDA graphs": f"every batch size while the graphs' memory pool fits in {DEFAULT_MEMORY_FRACTION:.0%} of the "
+                       "device's memory (load(..., cuda_graphs=False) turns them off)",
         "CPU tensors": cpu_engine_status(),
     }

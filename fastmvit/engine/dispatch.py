@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import OptionError
+
 BACKENDS = ("auto", "triton", "torch", "onnxruntime", "openvino")
 CPU_RUNTIMES = ("onnxruntime", "openvino")
 
@@ -17,7 +19,7 @@ FUSED = "fused"    # the Triton/CUDA engine (fastmvit.engine)
 def check_backend(value) -> None:
     """Raise a clear error for a backend that does not exist or cannot run here (a missing runtime)."""
     if value not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        raise OptionError(f"backend must be one of {BACKENDS}, got {value!r}")
     if value in CPU_RUNTIMES:
         from ..cpu import problem
 

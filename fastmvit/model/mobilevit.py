@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..engine import DEFAULT_MAX_BATCH, FUSED, TORCH, EngineCache, check_backend, choose_engine
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..variants import Variant, get_variant
 from .blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
 from .layers import ConvNormAct, Numerics
@@ -27,15 +27,15 @@ class MobileViT(nn.Module):
     CUDA tensors, the CPU engine on CPU tensors when a CPU runtime is installed), "triton" (the fused engine
     everywhere; on the CPU under the Triton interpreter, for tests), "onnxruntime" or "openvino" (the CPU
     engine on that runtime) or "torch" (the reference modules everywhere). ``forward_features`` and
-    ``forward_stages`` always run the reference modules. ``cuda_graphs`` replays captured CUDA graphs for batches up to
-    ``cuda_graph_max_batch`` on the engine path.
+    ``forward_stages`` always run the reference modules. ``cuda_graphs`` replays captured CUDA graphs on
+    the engine path (every batch size whose graph fits the memory budget, or up to ``cuda_graph_max_batch``).
     """
 
     def __init__(self, variant: Variant | str, num_classes: int = 1000):
         super().__init__()
         variant = get_variant(variant)
         if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+            raise OptionError(f"num_classes must be a non-negative int, got {num_classes!r}")
         self.variant = variant
         self.num_classes = num_classes
         self.stem = ConvNormAct(3, variant.stem_channels, 3, stride=2)
@@ -73,18 +73,39 @@ class MobileViT(nn.Module):
         self._backend = value
 
     @property
+    def cuda_graph_max_batch(self):
+        """Largest batch replayed through a CUDA graph: None (the default) lets memory decide (see
+        ``fastmvit.engine.graphs``), 0 turns graphs off."""
+        return self._cuda_graph_max_batch
+
+    @cuda_graph_max_batch.setter
+    def cuda_graph_max_batch(self, value) -> None:
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"cuda_graph_max_batch must be None (memory decides) or an int >= 0, got {value!r}")
+        self._cuda_graph_max_batch = value
+        if hasattr(self, "_engines"):
+            self._engines.clear()  # the graph runners were built with the old limit
+
+    @property
     def cuda_graphs(self) -> bool:
-        return self.cuda_graph_max_batch > 0
+        return self.cuda_graph_max_batch != 0
 
     @cuda_graphs.setter
     def cuda_graphs(self, enabled: bool) -> None:
         self.cuda_graph_max_batch = DEFAULT_MAX_BATCH if enabled else 0
-        self._engines.clear()
 
     def invalidate_engine(self) -> None:
-        """Drop packed weights and captured graphs; needed only after editing parameters in place (moving,
-        casting and load_state_dict do it themselves)."""
+        """Drop packed weights and captured graphs. Needed only after editing parameters, buffers or
+        submodules in place, or changing FASTMVIT_DWCONV: moving, casting, load_state_dict, train()/eval(),
+        set_numerics and the graph settings do it themselves."""
         self._engines.clear()
+
+    def train(self, mode: bool = True):
+        # Training (with backend="torch") updates BatchNorm statistics in place: the folded weights go stale.
+        # (eval() on a model already in eval mode keeps its engine.)
+        if hasattr(self, "_engines") and (self.training or mode):
+            self._engines.clear()
+        return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
         if hasattr(self, "_engines"):
@@ -97,14 +118,21 @@ class MobileViT(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     def set_numerics(self, numerics: Numerics) -> "MobileViT":
-        """Compute like a given source implementation (see ``Numerics``)."""
+        """Compute like a given source implementation (see ``Numerics``). The engine, built with the old
+        numerics (``v2_odd_size`` decides its plan), is rebuilt at the next forward."""
         for m in self.modules():
             if hasattr(m, "numerics"):
                 m.numerics = numerics
+        self._engines.clear()
         return self
 
     def check_input(self, x) -> None:
-        """Raise a clear error for anything the network cannot take."""
+        """Raise a clear error for anything the network cannot take.
+
+        Values are not checked: NaN or infinite pixels give NaN logits, as in PyTorch, timm and HF. A check
+        would read the whole input and, on a GPU, wait for it on every call (no CUDA-graph replay without a
+        host sync); a caller that cannot trust its input checks ``torch.isfinite(x).all()``. The servers do:
+        a non-finite tensor is refused with a 422 (``fastmvit.serving.common.ImageDecoder.check_images``)."""
         if not isinstance(x, torch.Tensor):
             raise InputError(f"expected a torch.Tensor of images [B, 3, H, W], got {type(x).__name__}")
         if x.dim() != 4:
@@ -154,6 +182,9 @@ class MobileViT(nn.Module):
         if engine == TORCH:
             return self.forward_head(self.forward_features(x))
         self.check_input(x)
+        if self.training:
+            raise RuntimeError("fastmvit's engines run BatchNorm in eval mode (folded into the weights): "
+                               "call model.eval(), or use backend='torch' for training-mode BatchNorm")
         if torch.is_grad_enabled() and (x.requires_grad or self.stem.conv.weight.requires_grad):
             raise RuntimeError("fastmvit's engines are inference-only: run the model under torch.no_grad() "
                                "or torch.inference_mode(), or use backend='torch' to compute gradients")

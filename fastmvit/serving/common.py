@@ -8,10 +8,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import re
+import sys
 import threading
+import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -198,10 +201,34 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
     return _DTYPES[dtype]
 
 
+def say(message: str) -> None:
+    """A progress line on stderr (a server's log), marked as fastmvit's, with the process id: a server runs
+    one model per worker process."""
+    print(f"fastmvit[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
 def _load_fn():
     from .. import load
 
     return load
+
+
+def _parallel_kernel_warmup(model, batch_sizes, size) -> None:
+    """Compile the engine's kernels in parallel before the serial warm-up forwards; only a speed-up, so a
+    failure is reported and the forwards compile what is left."""
+    import warnings
+
+    from ..engine.warmup import warmup
+
+    try:
+        report = warmup(model, batch_sizes, [tuple(size)])
+    except Exception as e:
+        warnings.warn(f"fastmvit: the parallel kernel warm-up failed ({type(e).__name__}: {e}); the warm-up "
+                      f"forwards compile the kernels one by one instead")
+        return
+    if report.failures:
+        warnings.warn(f"fastmvit: {len(report.failures)} kernel(s) failed to compile in the parallel warm-up, "
+                      f"first: {report.failures[0]}")
 
 
 class Classifier:
@@ -232,14 +259,22 @@ class Classifier:
 
     @classmethod
     def load(cls, model: str = "s", weights=None, *, pretrained: Union[bool, str] = True, device=None, dtype=None,
-             **kwargs) -> "Classifier":
+             progress: Optional[Callable[[str], None]] = say, **kwargs) -> "Classifier":
         """``fastmvit.load(model, weights)`` on ``device`` in ``dtype`` (auto: float16 on a GPU): the fused
-        engine on a GPU, with CUDA graphs at the warmed-up batch sizes. ``kwargs`` go to ``Classifier``."""
+        engine on a GPU, with CUDA graphs at the warmed-up batch sizes. ``kwargs`` go to ``Classifier``.
+        ``progress`` is told what is loading (default: a line on stderr; None for silence)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        start = time.perf_counter()
+        what = f"weights {weights}" if weights is not None else ("random weights" if not pretrained else
+                                                                  "pretrained weights")
+        if progress:
+            progress(f"loading {model} ({what}) on {dev}, {str(dt).replace('torch.', '')}")
         net = _load_fn()(model, weights, pretrained=pretrained,
                          num_classes=None if weights is not None else 1000, device=dev, dtype=dt,
                          backend="auto", cuda_graphs=True)
+        if progress:
+            progress(f"loaded {model} in {time.perf_counter() - start:.1f} s")
         return cls(net, **kwargs)
 
     @property
@@ -274,14 +309,29 @@ class Classifier:
             logits = self.model(x.to(self.dtype))
             return logits[:n].float().cpu()
 
-    def warmup(self) -> Tuple[int, ...]:
+    def warmup(self, progress: Optional[Callable[[str], None]] = say) -> Tuple[int, ...]:
         """Run one forward at every batch size, so the first requests find every kernel compiled, every
-        oneDNN/cuDNN plan chosen and (with the fused engine) every CUDA graph captured."""
-        for b in self.batch_sizes:
+        oneDNN/cuDNN plan chosen and (with the fused engine) every CUDA graph captured. On a GPU the
+        kernels are first compiled in parallel over all cores (``fastmvit.engine.warmup``). ``progress`` is
+        told each step as it starts and when all are done (default: a line on stderr; None for silence):
+        a warm-up takes seconds to minutes, and a server that prints nothing meanwhile looks hung."""
+        start = time.perf_counter()
+        if self.device.type == "cuda" and getattr(self.model, "backend", "torch") != "torch":
+            if progress:
+                progress("warm-up: compiling the engine's kernels in parallel")
+            _parallel_kernel_warmup(self.model, self.batch_sizes, self.image_shape[1:])
+        work = ("capturing CUDA graphs" if self.device.type == "cuda" else "choosing the CPU kernels")
+        for i, b in enumerate(self.batch_sizes, 1):
+            if progress:
+                progress(f"warm-up {i}/{len(self.batch_sizes)}: batch {b} ({work}), "
+                         f"{time.perf_counter() - start:.1f} s so far")
             self.forward(torch.full((b,) + self.image_shape, 0.5))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warmed_up = self.batch_sizes
+        if progress:
+            progress(f"ready: warm-up of batch sizes {', '.join(map(str, self.batch_sizes))} took "
+                     f"{time.perf_counter() - start:.1f} s")
         return self.warmed_up
 
     def top_k(self, logits: torch.Tensor, k: int) -> List[List[dict]]:

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OptionError
 from ..variants import VARIANTS, Variant, get_variant
 from .layouts import FORMATS, key_table
 
@@ -164,7 +164,7 @@ def to_canonical(tensors: Dict[str, torch.Tensor], variant: Optional[str] = None
 def from_canonical(state_dict: Dict[str, torch.Tensor], variant: str, fmt: str) -> Dict[str, torch.Tensor]:
     """Write fastmvit's (timm) state dict in another layout: "timm", "hf", "cvnets" or "mmpretrain"."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown layout {fmt!r}; known: {FORMATS}")
+        raise OptionError(f"unknown layout {fmt!r}; known: {FORMATS}")
     v = get_variant(variant)
     classes = state_dict["head.fc.weight"].shape[0] if "head.fc.weight" in state_dict else 1000
     out = {}

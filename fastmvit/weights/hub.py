@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from ..errors import WeightsNotFoundError
+from ..errors import OptionError, WeightsNotFoundError
 from ..variants import Variant
 
 __all__ = ["PretrainedWeights", "pretrained_tags", "resolve_pretrained", "cache_dir"]
@@ -61,14 +61,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTMVIT_CACHE", Path.home() / ".cache" / "fastmvit")).expanduser()
 
 
-def _how_to_fix(variant: Variant, pw: PretrainedWeights) -> str:
-    example = cache_dir() / (pw.cache_name(variant) + ".safetensors")
-    return (f"  - download https://huggingface.co/{pw.repo_id} ({pw.filenames[0]}) on a machine with network "
-            f"and pass it: fastmvit.load({variant.name!r}, weights='/path/to/{pw.filenames[0]}'), or put it at "
-            f"{example};\n"
-            f"  - any checkpoint of this variant from timm, Hugging Face, ml-cvnets or mmpretrain works as "
-            f"weights=;\n"
-            f"  - or ask for random weights: fastmvit.load({variant.name!r}, pretrained=False).")
+# One short attempt to reach the hub before downloading: huggingface_hub retries a failed request five
+# times with backoff (about 30 s per file) and prints a warning each time; offline, that is a minute of
+# noise before the error. A connection refused fails at once; an unroutable address after this timeout.
+HUB_TIMEOUT_S = float(os.environ.get("FASTMVIT_HUB_TIMEOUT", "5"))
+
+
+def _remedies(variant: Variant, pw: PretrainedWeights) -> Dict[str, List[str]]:
+    """The ways out when the weights are not here, for the Python API and the command line."""
+    file = pw.filenames[0]
+    url = f"https://huggingface.co/{pw.repo_id} ({file})"
+    cached = cache_dir() / (pw.cache_name(variant) + ".safetensors")
+    cache = f"or put it at {cached} (the fastmvit cache: $FASTMVIT_CACHE, default ~/.cache/fastmvit)"
+    return {
+        "python": [f"download {url} on a machine with network and pass it: "
+                   f"fastmvit.load({variant.name!r}, weights='/path/to/{file}'), {cache};",
+                   "any checkpoint of this variant from timm, Hugging Face, ml-cvnets or mmpretrain works as "
+                   "weights=;",
+                   f"or ask for random weights: fastmvit.load({variant.name!r}, pretrained=False)."],
+        "cli": [f"download {url} on a machine with network and pass it: --weights /path/to/{file}, {cache};",
+                "any checkpoint of this variant from timm, Hugging Face, ml-cvnets or mmpretrain works with "
+                "--weights;",
+                "or run with random weights (smoke tests): --random."],
+    }
 
 
 def resolve_pretrained(variant: Variant, tag=True) -> Tuple[str, PretrainedWeights]:
@@ -78,7 +93,7 @@ def resolve_pretrained(variant: Variant, tag=True) -> Tuple[str, PretrainedWeigh
     if tag is True:
         tag = next(iter(tags))
     if tag not in tags:
-        raise ValueError(f"{variant.name!r} has no pretrained weights tagged {tag!r}; available: {list(tags)}")
+        raise OptionError(f"{variant.name!r} has no pretrained weights tagged {tag!r}; available: {list(tags)}")
     pw = tags[tag]
 
     for suffix in CHECKPOINT_SUFFIXES:
@@ -93,17 +108,51 @@ def resolve_pretrained(variant: Variant, tag=True) -> Tuple[str, PretrainedWeigh
         if isinstance(cached, str):
             return cached, pw
 
-    errors = []
-    if not _offline():
-        for filename in pw.filenames:
-            try:
-                return huggingface_hub.hf_hub_download(pw.repo_id, filename), pw
-            except Exception as e:  # network, auth, missing file: all mean "not available here"
-                errors.append(f"{filename}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    why = "HF_HUB_OFFLINE is set" if _offline() else "download failed (" + "; ".join(errors) + ")"
+    if _offline():
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        path, why = _download(pw)
+        if path is not None:
+            return path, pw
     raise WeightsNotFoundError(
         f"pretrained weights for {variant.name!r} ({pw.repo_id}) are not cached and could not be downloaded: "
-        f"{why}. To continue:\n{_how_to_fix(variant, pw)}")
+        f"{why}. To continue:", _remedies(variant, pw))
+
+
+def _download(pw: PretrainedWeights) -> Tuple[Optional[str], str]:
+    """``(path, "")`` once a file of ``pw`` is downloaded, else ``(None, why not)``. Each file is first
+    asked for with one short request; only a file the hub has is handed to ``hf_hub_download``."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    missing, endpoint = [], _endpoint()
+    for filename in pw.filenames:
+        url = huggingface_hub.hf_hub_url(pw.repo_id, filename, endpoint=endpoint)
+        try:
+            huggingface_hub.get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S)
+        except EntryNotFoundError:
+            missing.append(filename)  # the repository lacks this file: try the next name
+            continue
+        except Exception as e:  # unreachable, timed out, refused, gated: the other files would fare no better
+            return None, f"the hub at {endpoint} did not answer ({_first_line(e)})"
+        try:
+            return huggingface_hub.hf_hub_download(pw.repo_id, filename, endpoint=endpoint,
+                                                   etag_timeout=HUB_TIMEOUT_S), ""
+        except Exception as e:  # the connection broke during the download, the disk is full, ...
+            return None, f"downloading {filename} failed ({_first_line(e)})"
+    return None, f"the repository has none of {', '.join(missing)}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _endpoint() -> str:
+    """The hub huggingface_hub talks to: $HF_ENDPOINT when it was imported, else huggingface.co."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 def _offline() -> bool:

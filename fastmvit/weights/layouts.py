@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from ..errors import OptionError
 from ..variants import Variant, get_variant
 
 __all__ = ["FORMATS", "KeyTable", "key_table", "canonical_shapes"]
@@ -199,7 +200,7 @@ class KeyTable:
 def key_table(variant: str, fmt: str, num_classes: int = 1000) -> KeyTable:
     v = get_variant(variant)
     if fmt not in _TRANSLATORS:
-        raise ValueError(f"unknown checkpoint layout {fmt!r}; known: {FORMATS}")
+        raise OptionError(f"unknown checkpoint layout {fmt!r}; known: {FORMATS}")
     translate = _TRANSLATORS[fmt]
     entries = tuple((k, translate(k, v)) for k in canonical_shapes(v.name, num_classes))
     return KeyTable(v.name, fmt, entries)

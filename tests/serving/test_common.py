@@ -162,6 +162,18 @@ def test_warmup_runs_every_batch_size(model):
     assert clf.warmup() == (1, 2, 4) and spy.sizes == [1, 2, 4] and clf.warmed_up == (1, 2, 4)
 
 
+def test_warmup_says_what_it_is_doing(model):
+    """Each batch size is announced before it runs, and "ready" after the last (serve's log shows them)."""
+    spy = Spy(model)
+    clf = Classifier(spy, batch_sizes=(1, 2, 4), input_size=INPUT_SIZE)
+    said = []
+    clf.warmup(progress=lambda m: said.append((m, len(spy.sizes))))
+    assert [(m.split(" (")[0], ran) for m, ran in said[:3]] == [
+        ("warm-up 1/3: batch 1", 0), ("warm-up 2/3: batch 2", 1), ("warm-up 3/3: batch 4", 2)]
+    assert said[3][0].startswith("ready: warm-up of batch sizes 1, 2, 4 took ") and said[3][1] == 3
+    assert len(said) == 4
+
+
 def test_float16_inside_float32_on_the_wire(checkpoint):
     """The GPU policy, run on the CPU: the model computes in float16, callers see float32."""
     clf = Classifier.load(MODEL, checkpoint, device="cpu", dtype="float16", input_size=64)

@@ -39,6 +39,9 @@ def tensor_bad_inputs():
         "tensor_wrong_dtype": (npy(np.zeros((3, S, S), np.float16)), 422, "float32"),
         "tensor_batch_of_2": (npy(np.zeros((2, 3, S, S), np.float32)), 422, "one image per request"),
         "tensor_empty_batch": (npy(np.zeros((0, 3, S, S), np.float32)), 422, "one image per request"),
+        "tensor_nan": (npy(np.full((3, S, S), np.nan, np.float32)), 422, "NaN or infinite"),
+        "tensor_inf": (npy(np.where(np.eye(S, dtype=bool), np.inf, 0.5).astype(np.float32)[None].repeat(3, 0)), 422,
+                       "NaN or infinite"),
     }
 
 
@@ -50,6 +53,7 @@ def server(checkpoint, tmp_path_factory):
            "--max-batch-size", str(MAX_BATCH), "--batch-timeout-ms", "50", "--max-body-bytes", str(MAX_BODY),
            "--log-level", "warning"]
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["OMP_NUM_THREADS"] = "1"  # see test_litserve_faults.py: spinning OpenMP threads on a shared CPU
     proc = ServerProcess(cmd, env=env, log_path=str(tmp_path_factory.mktemp("litserve") / "server.log"),
                          name="litserve").start()
     try:
@@ -73,6 +77,12 @@ def test_health_turns_ready_only_after_warm_up(server):
     status, text = get(port, "/metrics")
     warmed = prometheus_samples(text, "fastmvit_warmup_forwards_total")
     assert {k: v for k, v in warmed.items()} == {f'batch_size="{b}"': 1.0 for b in (1, 2, 4, 8)}
+    # and the log said so while it happened: what loads, each batch size, then ready
+    log = proc.log_tail(100_000)
+    steps = ["loading xxs (weights ", "loaded xxs in ", "warm-up 1/4: batch 1 ", "warm-up 4/4: batch 8 ",
+             "ready: warm-up of batch sizes 1, 2, 4, 8 took "]
+    at = [log.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), log[-3000:]
 
 
 @pytest.mark.parametrize("name", ["noise.jpg", "gradient.jpg", "tall.png", "stripes.png", "grey.png", "rgba.png"])
