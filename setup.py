@@ -84,8 +84,10 @@ if __name__ == "__main__":  # setuptools runs this file as __main__; the tests i
             "pillow>=9.0",
         ],
         extras_require={
-            # transformers: the reference model of the parity tests; matplotlib: the report's plots are tested
-            "test": ["pytest>=7", "pytest-xdist>=3.5", "pytest-benchmark>=4", "transformers>=4.40", "matplotlib>=3.7"],
+            # transformers: the reference model of the parity tests; matplotlib: the report's plots are tested;
+            # pyyaml: timm's own dependency (timm itself goes in with --no-deps: .ci/setup_timm.sh)
+            "test": ["pytest>=7", "pytest-xdist>=3.5", "pytest-benchmark>=4", "transformers>=4.40", "matplotlib>=3.7",
+                     "pyyaml>=5.1"],
             "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "transformers>=4.40"],
             "serve": ["litserve>=0.2.19,<0.3", "tritonclient[http,grpc]>=2.40", "prometheus-client>=0.17"],
             # offline jobs: a progress bar on a terminal; Ray Data to run them on a cluster (`predict --ray`)

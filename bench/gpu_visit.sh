@@ -110,8 +110,10 @@ if has tests; then
     python3 -c "import xdist" 2>/dev/null && xdist=(-n "$TEST_WORKERS")
     # shellcheck disable=SC2086
     stage "tests (${xdist[*]:-serial})" "$TESTS_TIMEOUT" "$OUT/tests.log" \
-        python3 -m pytest $TEST_SELECTION -q -rfE -p no:cacheprovider --durations=20 "${xdist[@]}"
-    grep -E "passed|failed|error" "$OUT/tests.log" | tail -2 | tee -a "$LOG"
+        python3 -m pytest $TEST_SELECTION -v --tb=short -rfE -p no:cacheprovider --durations=20 "${xdist[@]}"
+    # -v: each result is logged as it happens, so a run cut by its time limit still names what passed
+    grep -cE "PASSED" "$OUT/tests.log" | sed "s/^/passed so far: /" | tee -a "$LOG"
+    grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -30 | tee -a "$LOG"
 fi
 
 results=()

@@ -18,6 +18,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch.manual_seed(0)
 
+# Every replayed launch plan is checked against its recording (same ops, same tensor layouts).
+from fastmvit.engine.engine import Engine  # noqa: E402  (no kernels imported: they load with the first engine)
+
+Engine.check_replays = True
+
 
 # ---- Running the suite in parallel (pytest-xdist) --------------------------------------------------
 # The whole suite (`python -m pytest tests -q`, what CI runs) is spread over two worker processes: most of
@@ -71,6 +76,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SHARED_SERVER_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+# timm imports torchvision, which has no build that loads with the CPU torch: make its pure-Python parts
+# importable (tests/torchvision_standin.py; a no-op where a real torchvision loads).
+from .torchvision_standin import install as _install_torchvision  # noqa: E402
+
+TORCHVISION = _install_torchvision()
+
+
+def pytest_report_header(config):
+    return f"timm tests: {TORCHVISION}"
 
 
 @pytest.fixture(autouse=True)

@@ -30,10 +30,14 @@ class Unavailable(Exception):
 def reference_weights(variant: str, seed: int = 0) -> Dict[str, torch.Tensor]:
     """Seeded random weights with non-trivial BatchNorm statistics, float32 on the CPU: BatchNorm left at
     its defaults would be an identity and hide a wrongly converted tensor in the parity check."""
-    from ..model import MobileViT
+    from ..model import DeepLabV3, MobileViT
     from ..model.random import randomize_
+    from ..segmentation import is_segmentation_name, segmentation_variant
 
-    model = randomize_(MobileViT(variant, 1000), seed)
+    if is_segmentation_name(variant):  # "deeplabv3-s": Apple's head shape (21 classes, output stride 16)
+        model = randomize_(DeepLabV3(segmentation_variant(variant)), seed)
+    else:
+        model = randomize_(MobileViT(variant, 1000), seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -65,11 +69,25 @@ def _import_problem(module: str) -> str:
 
 
 def _timm_model(variant: str) -> nn.Module:
+    from ..segmentation import is_segmentation_name
+
+    if is_segmentation_name(variant):
+        raise Unavailable("timm has no MobileViT segmentation model")
     import timm
 
     model = timm.create_model(get_variant(variant).timm_name, pretrained=False, num_classes=1000)
     model.load_state_dict(reference_weights(variant))
     return model.eval()
+
+
+def _hf_config(v, **options):
+    import transformers as tr
+
+    if v.family == "v1":
+        return tr.MobileViTConfig(hidden_sizes=[s.transformer.dim for s in v.stages[2:]],
+                                  neck_hidden_sizes=[v.stem_channels, *v.stage_channels, v.final_conv_channels],
+                                  expand_ratio=float(v.stages[0].expand), **options)
+    return tr.MobileViTV2Config(width_multiplier=float(v.width), **options)
 
 
 def hf_model(variant: str) -> nn.Module:
@@ -80,21 +98,32 @@ def hf_model(variant: str) -> nn.Module:
 
     from ..weights import from_canonical
 
+    from ..segmentation import is_segmentation_name
+
+    if is_segmentation_name(variant):
+        return _hf_segmentation_model(variant)
     v = get_variant(variant)
-    if v.family == "v1":
-        config = tr.MobileViTConfig(
-            hidden_sizes=[s.transformer.dim for s in v.stages[2:]],
-            neck_hidden_sizes=[v.stem_channels, *v.stage_channels, v.final_conv_channels],
-            expand_ratio=float(v.stages[0].expand), num_labels=1000)
-        model = tr.MobileViTForImageClassification(config)
-    else:
-        model = tr.MobileViTV2ForImageClassification(tr.MobileViTV2Config(width_multiplier=float(v.width),
-                                                                          num_labels=1000))
+    cls = tr.MobileViTForImageClassification if v.family == "v1" else tr.MobileViTV2ForImageClassification
+    model = cls(_hf_config(v, num_labels=1000))
     missing, unexpected = model.load_state_dict(from_canonical(reference_weights(variant), v.name, "hf"),
                                                 strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise RuntimeError(f"HF weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def _hf_segmentation_model(name: str) -> nn.Module:
+    """Hugging Face's MobileViT[V2]ForSemanticSegmentation (output stride 16) with the reference weights."""
+    import transformers as tr
+
+    from ..segmentation import segmentation_variant
+    from ..weights.segmentation import segmentation_from_canonical
+
+    v = segmentation_variant(name)
+    cls = tr.MobileViTForSemanticSegmentation if v.family == "v1" else tr.MobileViTV2ForSemanticSegmentation
+    model = cls(_hf_config(v, num_labels=21, output_stride=16))
+    model.load_state_dict(segmentation_from_canonical(reference_weights(name), v.name, "hf"))
     return model.eval()
 
 

@@ -32,19 +32,52 @@ def prepare_kernels(device: torch.device) -> None:
 
 class Engine:
     """``engine(x)``: NCHW images [B, 3, H, W] in the engine's dtype -> logits [B, num_classes] (or pooled
-    features when the model has no head), in that dtype."""
+    features when the model has no head), in that dtype.
+
+    Eager calls run the launch plans of ``fastmvit.engine.replay``, resolved on the first call of each input
+    signature (at most ``max_plans`` kept, the oldest dropped first); torch.compile traces the registered
+    ops instead, and an input that asks for a gradient goes to them too (they refuse it clearly)."""
+
+    max_plans = 64
+    check_replays = False  # the tests turn it on: every replayed call is checked against its recording
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype):
         prepare_kernels(device)
-        from .plan import build_steps  # imports the kernels: only now, never at package import
+        from . import replay  # imports the kernels: only now, never at package import
+        from .plan import build_steps
 
         self.device, self.dtype = device, dtype
         with torch.no_grad():
             self.steps = build_steps(model, device, dtype)
+        self._replay = replay
+        self._plans: Dict[tuple, tuple] = {}  # input signature -> (recorded calls, their plans)
+        self._plans_lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        replay = self._replay
+        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+            return self.forward(x, replay.direct)
+        key = (x.shape, x.stride(), x.storage_offset(), x.device)
+        entry = self._plans.get(key)
+        if entry is None:
+            recorder = replay.Recorder()
+            y = self.forward(x, recorder)
+            with self._plans_lock:
+                while len(self._plans) >= self.max_plans:
+                    del self._plans[next(iter(self._plans))]
+                self._plans[key] = (recorder.calls, [plan for _, plan, _ in recorder.calls])
+            return y
+        if self.check_replays:
+            checked = replay.CheckedReplay(entry[0])
+            y = self.forward(x, checked)
+            checked.finish()
+            return y
+        return self.forward(x, replay.Replay(entry[1]))
+
+    def forward(self, x: torch.Tensor, run) -> torch.Tensor:
+        """The steps, each calling its ops through ``run`` (``fastmvit.engine.replay``)."""
         for step in self.steps:
-            x = step(x)
+            x = step(x, run)
         return x.to(self.dtype)
 
 

@@ -14,7 +14,7 @@ import re
 import sys
 from typing import List, Optional
 
-from ..errors import FastMViTError, InputError
+from ..errors import FastMViTError, InputError, OptionError, message_for
 
 __all__ = ["predict_main", "evaluate_main"]
 
@@ -22,16 +22,29 @@ __all__ = ["predict_main", "evaluate_main"]
 _RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.\-]+:\d+)$")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def _common_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0, or a timm name (default s)")
+    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0, a timm name, or a "
+                                                "segmentation model: deeplabv3-s, ... (default s)")
     p.add_argument("--weights", help="checkpoint file or Hugging Face directory (default: pretrained)")
     p.add_argument("--random", action="store_true", help="random weights (no download); for smoke tests")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="what the model runs in (default: float16 on a GPU, float32 on the CPU)")
-    p.add_argument("--input-size", type=int, help="square input size (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
-    p.add_argument("--workers", type=int, help="decode worker processes; 0 decodes in the main process "
+    p.add_argument("--input-size", type=_positive_int, help="square input size (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward (default 64)")
+    p.add_argument("--workers", type=_count, help="decode worker processes; 0 decodes in the main process "
                                                 "(default: cores - 1, at most 8)")
     p.add_argument("--progress", default="auto", choices=("auto", "bar", "lines", "off"),
                    help="a progress bar on a terminal, periodic lines otherwise (default auto)")
@@ -47,17 +60,19 @@ def _predict_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 all classified, 1 some files skipped, 2 the job could not run.")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="image file, folder, glob pattern or list file")
     _common_options(p)
-    p.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--top", type=_positive_int, default=5, help="classes per image (default 5)")
     p.add_argument("--output", "-o", help="results file: .jsonl (default format) or .csv")
     p.add_argument("--format", choices=("jsonl", "csv"), help="output format (default: from the extension)")
     p.add_argument("--features", metavar="NPY", help="also write pooled features to this .npy; each output line's "
                                                       "feature_row is its row")
+    p.add_argument("--out-dir", help="segmentation models (--model deeplabv3-s, ...): where to write "
+                                     "<image>_mask.png and <image>_overlay.png (default: beside each image)")
     p.add_argument("--resume", action="store_true", help="continue an output file: skip the files it has")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run on a Ray cluster: ADDRESS as ray.init takes it (auto, ray://head:10001, host:port); "
                         "none starts a local one. Needs the `ray` extra")
-    p.add_argument("--ray-actors", type=int, default=1,
+    p.add_argument("--ray-actors", type=_positive_int, default=1,
                    help="model replicas on Ray (default 1; on GPUs one GPU each)")
     return p
 
@@ -89,15 +104,21 @@ def _split_ray_address(argv: List[str]) -> List[str]:
     return out
 
 
+def _check_model_options(args) -> None:
+    from ..api import parse_device
+    from ..variants import get_variant
+
+    get_variant(args.model)
+    parse_device(args.device)
+
+
 def _load_model(args):
     from .. import load
-    from ..serving.common import resolve_device, resolve_dtype
+    from ..api import parse_device
+    from ..serving.common import resolve_dtype
 
-    try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-    except (ValueError, RuntimeError) as e:
-        raise InputError(str(e)) from None
+    device = parse_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     return load(args.model, args.weights, pretrained=not args.random,
                 num_classes=None if args.weights else 1000, device=device, dtype=dtype, backend="auto")
 
@@ -116,11 +137,16 @@ def _run_predict(args) -> int:
     from .sources import find_images
 
     if args.resume and not args.output:
-        raise InputError("--resume continues an output file: give it with --output")
+        raise OptionError("--resume continues an output file: give it with --output")
     if args.features and not args.output:
-        raise InputError("--features needs --output (each output line's feature_row points into the .npy)")
+        raise OptionError("--features needs --output (each output line's feature_row points into the .npy)")
+    _check_model_options(args)  # before walking what may be a million files
     paths = find_images(args.sources)
     model = _load_model(args)
+    if getattr(model, "task", None) == "segmentation":  # masks, not classes
+        from ..masks import print_written_masks
+
+        return print_written_masks(model, paths, args.out_dir)
     predictor = _predictor(model, args, top_k=args.top, features=bool(args.features))
     writer = (open_writer(args.output, predictor.top_k, fmt=args.format, resume=args.resume, overwrite=args.overwrite)
               if args.output else TextWriter(predictor.top_k, sys.stdout))
@@ -179,8 +205,8 @@ def _main(parser: argparse.ArgumentParser, run, argv: List[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except FastMViTError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except FastMViTError as e:  # as python -m fastmvit reports every command's errors
+        print(f"error: {message_for(e, 'cli')}", file=sys.stderr)
         return 2
 
 

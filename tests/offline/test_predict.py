@@ -214,3 +214,12 @@ def test_ray_option_takes_an_address_only_when_it_looks_like_one():
     assert _split_ray_address(["--ray", "auto", "photos/"]) == ["--ray=auto", "photos/"]
     assert _split_ray_address(["--ray", "ray://head:10001", "p"]) == ["--ray=ray://head:10001", "p"]
     assert _split_ray_address(["--ray", "10.0.0.1:6379", "p"]) == ["--ray=10.0.0.1:6379", "p"]
+
+
+def test_progress_bar_with_tqdm():
+    pytest.importorskip("tqdm")
+    stream = io.StringIO()
+    p = Progress(10, stream=stream, mode="bar")
+    p.update(4, 1)
+    p.close()
+    assert p.bar is not None and "5/10" in stream.getvalue() and "skipped=1" in stream.getvalue()
