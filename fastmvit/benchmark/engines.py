@@ -284,8 +284,10 @@ class Engine:
 
                 return "CPU engine", (f"CPU engine: fastmvit's graph exported to ONNX, run by {PEERS[which]} "
                                       f"{RUNTIMES[which].version()}")
-            return "torch path", ("torch path: fastmvit's plain PyTorch modules (no fused or CPU engine for "
-                                  f"{device.type} {dtype} here)" + "".join(f", {w}" for w in how))
+            why = ("the fused engine runs on CUDA tensors only; no CPU runtime computes in "
+                   f"{dtype} here, or FASTMVIT_CPU_ENGINE=torch" if device.type == "cpu" else
+                   f"no fused or CPU engine on {device.type}")
+            return "torch path", f"torch path: fastmvit's plain PyTorch modules ({why})" + "".join(f", {w}" for w in how)
         if self.source in PEERS:
             return PEERS[self.source], f"{self.label}: the torch path exported to ONNX (static shape)"
         if self.source == "torch":

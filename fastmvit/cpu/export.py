@@ -51,6 +51,9 @@ class _ReferenceForward(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # torch.onnx.export puts the module back in the mode it found it in, recursively: a wrapper left in
+        # training mode (nn.Module's default) would switch the model's BatchNorms to training mode.
+        self.training = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x))
