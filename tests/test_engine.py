@@ -7,7 +7,7 @@ import fastmvit
 from fastmvit.variants import VARIANTS
 
 from .kernels.common import DEVICE, ON_GPU
-from .utils import assert_matches_torch_path, image_sensitive_, images, randomize_
+from .utils import assert_matches_torch_path, image_sensitive_, randomize_, varied_images
 
 SIZE = 256 if ON_GPU else 64   # the issue's sizes: 64x64 under the interpreter, 256x256 on a GPU
 HALF = [torch.float16] + ([torch.bfloat16] if ON_GPU else [])
@@ -30,7 +30,7 @@ def pair(request):
 
 def test_float32_logits_match_the_torch_path(pair):
     ref, fused = pair
-    x = images((2, 3, SIZE, SIZE)).to(DEVICE)
+    x = varied_images((2, 3, SIZE, SIZE)).to(DEVICE)
     with torch.inference_mode():
         got = fused(x)
     assert got.dtype == torch.float32 and got.shape == (2, 1000)
@@ -40,7 +40,7 @@ def test_float32_logits_match_the_torch_path(pair):
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_precision_logits_match_the_torch_path(pair, dtype):
     ref, _ = pair
-    x = images((2, 3, SIZE, SIZE)).to(DEVICE)
+    x = varied_images((2, 3, SIZE, SIZE)).to(DEVICE)
     half = fastmvit.load(ref.variant.name, weights=ref.state_dict(), backend="triton", device=DEVICE, dtype=dtype)
     with torch.inference_mode():
         got = half(x.to(dtype))
@@ -58,7 +58,7 @@ def test_odd_maps_and_numerics(name, size, numerics):
     ref = image_sensitive_(fastmvit.load(name, pretrained=False, backend="torch", numerics=numerics),
                            size=size[0], seed=2).to(DEVICE)
     fused = fastmvit.load(name, weights=ref.state_dict(), backend="triton", numerics=numerics, device=DEVICE)
-    x = images((2, 3, *size)).to(DEVICE)
+    x = varied_images((2, 3, *size)).to(DEVICE)
     with torch.inference_mode():
         got = fused(x)
     assert_matches_torch_path(got, ref, x, f"{name} {size} {numerics}")
@@ -71,7 +71,7 @@ def test_batch_rows_follow_their_images(name):
     the resize paths' per-image offsets are exercised too."""
     ref = image_sensitive_(fastmvit.load(name, pretrained=False, backend="torch"), size=80, seed=12).to(DEVICE)
     fused = fastmvit.load(name, weights=ref.state_dict(), backend="triton", device=DEVICE)
-    x = images((3, 3, 80, 48), seed=5).to(DEVICE)
+    x = varied_images((3, 3, 80, 48), seed=5).to(DEVICE)
     perm = torch.tensor([2, 0, 1])
     with torch.inference_mode():
         out, out_perm = fused(x), fused(x[perm])
@@ -82,7 +82,7 @@ def test_batch_rows_follow_their_images(name):
 def test_headless_model_returns_pooled_features():
     ref = image_sensitive_(fastmvit.load("xxs", pretrained=False, backend="torch", num_classes=0), seed=3).to(DEVICE)
     fused = fastmvit.load("xxs", weights=ref.state_dict(), num_classes=0, backend="triton", device=DEVICE)
-    x = images((2, 3, 64, 64)).to(DEVICE)
+    x = varied_images((2, 3, 64, 64)).to(DEVICE)
     with torch.inference_mode():
         got = fused(x)
     assert got.shape == (2, 320)
@@ -91,7 +91,7 @@ def test_headless_model_returns_pooled_features():
 
 def test_engine_is_rebuilt_when_weights_or_dtype_change():
     model = randomize_(fastmvit.load("xxs", pretrained=False, backend="triton", device=DEVICE), seed=4)
-    x = images((1, 3, 64, 64)).to(DEVICE)
+    x = varied_images((1, 3, 64, 64)).to(DEVICE)
     with torch.inference_mode():
         first = model(x)
         other = randomize_(fastmvit.load("xxs", pretrained=False), seed=5).state_dict()
@@ -119,16 +119,16 @@ def test_auto_backend_keeps_cpu_tensors_on_the_torch_path(monkeypatch):
     model = fastmvit.load("xxs", pretrained=False)
     monkeypatch.setattr(type(model._engines), "runner", lambda *a: pytest.fail("engine used on the CPU"))
     with torch.inference_mode():
-        assert model(images((1, 3, 64, 64))).shape == (1, 1000)
+        assert model(varied_images((1, 3, 64, 64))).shape == (1, 1000)
 
 
 def test_gradients_are_refused_on_the_engine_path():
     model = fastmvit.load("xxs", pretrained=False, backend="triton", device=DEVICE)
     with pytest.raises(RuntimeError, match="inference-only.*backend='torch'"):
-        model(images((1, 3, 64, 64)).to(DEVICE).requires_grad_())
+        model(varied_images((1, 3, 64, 64)).to(DEVICE).requires_grad_())
     model.requires_grad_(True)
     with pytest.raises(RuntimeError, match="inference-only"):
-        model(images((1, 3, 64, 64)).to(DEVICE))
+        model(varied_images((1, 3, 64, 64)).to(DEVICE))
 
 
 def test_bad_input_is_checked_before_the_engine():
@@ -142,7 +142,7 @@ def test_copies_start_without_an_engine():
 
     model = fastmvit.load("xxs", pretrained=False, backend="triton", device=DEVICE)
     with torch.inference_mode():
-        model(images((1, 3, 64, 64)).to(DEVICE))
+        model(varied_images((1, 3, 64, 64)).to(DEVICE))
     clone = copy.deepcopy(model)
     assert len(clone._engines._runners) == 0 and len(model._engines._runners) == 1
 
@@ -176,13 +176,13 @@ def test_torch_compile_of_the_interpreted_engine_is_refused():
         pytest.skip("on a GPU the engine compiles (test_torch_compile_matches_the_engine)")
     model = fastmvit.load("xxs", pretrained=False, backend="triton")
     with torch.inference_mode(), pytest.raises(Exception, match="needs CUDA tensors|cannot be traced by torch.compile"):
-        torch.compile(model)(images((1, 3, 64, 64)))
+        torch.compile(model)(varied_images((1, 3, 64, 64)))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 def test_torch_compile_matches_the_engine():
     model = randomize_(fastmvit.load("s", pretrained=False, device="cuda", dtype=torch.float16), seed=6)
-    x = images((4, 3, 256, 256)).cuda().half()
+    x = varied_images((4, 3, 256, 256)).cuda().half()
     with torch.inference_mode():
         model.cuda_graphs = False
         expected = model(x)                      # also builds the engine before tracing

@@ -8,7 +8,7 @@ import torch
 import fastmvit
 from fastmvit import InputError
 
-from .utils import assert_images_apart, image_sensitive_, images, max_err, torch_reference
+from .utils import assert_images_apart, image_sensitive_, max_err, torch_reference, varied_images
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,11 @@ def test_input_on_another_device_is_explained():
 def test_any_input_size(name, size):
     model = fastmvit.load(name, pretrained=False)
     with torch.inference_mode():
-        assert model(images((1, 3, *size))).shape == (1, 1000)
+        assert model(varied_images((1, 3, *size))).shape == (1, 1000)
 
 
 def test_stage_maps_and_features(xxs):
-    x = images((2, 3, 96, 128))
+    x = varied_images((2, 3, 96, 128))
     with torch.inference_mode():
         stages = xxs.forward_stages(x)
         features = xxs.forward_features(x)
@@ -63,9 +63,9 @@ def test_v2_keeps_the_enlarged_map_at_odd_sizes():
     """ml-cvnets/timm semantics: a 7x7 v2 stage-5 input is enlarged to 8x8 and stays 8x8."""
     model = fastmvit.load("v2-0.5", pretrained=False)
     with torch.inference_mode():
-        assert model.forward_features(images((1, 3, 224, 224))).shape == (1, 256, 8, 8)
+        assert model.forward_features(varied_images((1, 3, 224, 224))).shape == (1, 256, 8, 8)
         hf = fastmvit.load("v2-0.5", pretrained=False, numerics="hf")
-        assert hf.forward_features(images((1, 3, 224, 224))).shape == (1, 256, 7, 7)
+        assert hf.forward_features(varied_images((1, 3, 224, 224))).shape == (1, 256, 7, 7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -75,7 +75,7 @@ def test_half_precision_on_cpu(dtype):
     grows with the rounding unit; measured: float16 0.5x, bfloat16 0.6x of that bound), and the images
     must stay further apart than twice that, so a row from the wrong image or a wrong cast fails."""
     ref = image_sensitive_(fastmvit.load("xxs", pretrained=False, backend="torch"), seed=13)
-    x = images((3, 3, 64, 64))
+    x = varied_images((3, 3, 64, 64))
     model = fastmvit.load("xxs", weights=ref.state_dict(), dtype=dtype)
     with torch.inference_mode():
         out = model(x.to(dtype))

@@ -16,7 +16,7 @@ import torch
 import fastmvit
 from fastmvit.variants import VARIANTS
 
-from .utils import FACTOR, REL_FLOOR, assert_images_apart, image_sensitive_, images, max_err, randomize_
+from .utils import FACTOR, REL_FLOOR, assert_images_apart, image_sensitive_, max_err, randomize_, varied_images
 
 timm = pytest.importorskip("timm", reason="timm is not installed: run .ci/setup_timm.sh")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -58,7 +58,7 @@ def test_logits_match_timm(name, tmp_path):
     model = fastmvit.load(name, weights=path)
     assert model.pretrained_cfg["source_format"] == "timm"
     for size in (EVEN, ODD):
-        x = images((2, 3, *size))
+        x = varied_images((2, 3, *size))
         with torch.inference_mode():
             got, expected = model(x), exact(x)
             torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"{size}")
@@ -77,7 +77,7 @@ def test_odd_size_semantics_against_timm(name):
     variant = VARIANTS[name]
     ref = image_sensitive_(_timm_model(variant, fused=False), size=ODD[0], seed=8)
     state = ref.state_dict()
-    x = images((2, 3, *ODD), seed=3)
+    x = varied_images((2, 3, *ODD), seed=3)
     with torch.inference_mode():
         expected = ref(x)
         default = fastmvit.load(name, weights=state)(x)
@@ -98,7 +98,7 @@ def test_fused_engine_matches_timm_at_odd_sizes(name):
     state = image_sensitive_(fastmvit.load(name, pretrained=False, backend="torch"), size=ODD[0], seed=9).state_dict()
     ref = _timm_model(variant, fused=False)
     ref.load_state_dict(state)
-    x = images((2, 3, *ODD), seed=4)
+    x = varied_images((2, 3, *ODD), seed=4)
     engine = fastmvit.load(name, weights=state, backend="triton")
     with torch.inference_mode():
         got = engine(x)
@@ -115,7 +115,7 @@ def test_stage_features_match_timm_intermediates(name):
     1x1 expansion (final_conv): fastmvit's forward_stages + final_conv on the last reproduces them."""
     ref = randomize_(_timm_model(VARIANTS[name], fused=False), seed=7)
     model = fastmvit.load(name, weights=ref.state_dict())
-    x = images((1, 3, *ODD))
+    x = varied_images((1, 3, *ODD))
     with torch.inference_mode():
         expected = ref.forward_intermediates(x, intermediates_only=True)
         got = model.forward_stages(x)

@@ -17,9 +17,14 @@ SEPARATION = 4.0
 
 
 def images(shape, seed: int = 1) -> torch.Tensor:
+    """Random images in [0, 1] (uniform noise)."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def varied_images(shape, seed: int = 1) -> torch.Tensor:
     """Random images in [0, 1] that differ in content, not only in noise: each is noise over its own
     random colour and gradient. Uniform noise alone averages out in the pooled features, so a random
-    network would give two noise images almost the same logits."""
+    network gives two noise images almost the same logits."""
     g = torch.Generator().manual_seed(seed)
     B, C, H, W = shape
     yy = torch.linspace(-1, 1, H).view(1, 1, H, 1)
@@ -41,7 +46,7 @@ def image_sensitive_(model, size=64, seed: int = 0):
     affines and statistics all stay distinct per channel, so a mis-mapped tensor still shows."""
     randomize_(model, seed=seed)
     device = next(model.parameters()).device
-    x = images((8, 3, size, size), seed=1000 + seed).to(device)
+    x = varied_images((8, 3, size, size), seed=1000 + seed).to(device)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     was_training = model.training
