@@ -39,46 +39,64 @@ def cuda_extension():
     if CUDA_HOME is None:
         _log("no CUDA toolkit found (nvcc, CUDA_HOME): skipping the CUDA extension")
         return [], {}
+    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        # torch guesses CUDA_HOME from the first nvcc on PATH; a wrapper script there gives a wrong root
+        _log(f"the CUDA toolkit found at {CUDA_HOME} has no include/cuda_runtime.h: skipping the CUDA extension; "
+             f"set CUDA_HOME to the toolkit's root (e.g. /usr/local/cuda-13.0) to build it")
+        return [], {}
+    from torch.utils.cpp_extension import is_ninja_available
+
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    _log(f"building the CUDA extension with {CUDA_HOME} for {arch or 'the visible GPUs / torch defaults'}")
+    ninja = is_ninja_available()
+    _log(f"building the CUDA extension with {CUDA_HOME} for {arch or 'the visible GPUs / torch defaults'}, "
+         + ("with ninja (parallel)" if ninja else "without ninja (one file at a time; `pip install ninja` "
+                                                 "for a parallel build)"))
+    # No -std flag: BuildExtension adds the C++ standard this torch is built with (C++20 from torch 2.13 on,
+    # C++17 before); forcing another one mixes standards across the torch headers and the extension.
     ext = CUDAExtension(
         "fastmvit._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=ninja)}
 
 
-ext_modules, cmdclass = cuda_extension()
-
-setup(
-    name="fastmvit",
-    version="0.1.0",
-    description="Fast MobileViT / MobileViTv2 inference: fused Triton and CUDA kernels, every checkpoint format",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.9",
-    packages=find_packages(include=["fastmvit", "fastmvit.*"]) + ["fastmvit.kernels"],
-    # The Triton kernels live at the top of the repository and install inside the package.
-    package_dir={"fastmvit.kernels": "kernels"},
-    package_data={"fastmvit": ["data/*.tsv"]},
-    install_requires=[
-        "torch>=2.4",
-        "triton>=3.2; platform_system == 'Linux'",
-        "numpy>=1.24",
-        "safetensors>=0.4",
-        "huggingface_hub>=0.23",
-        "pillow>=9.0",
-    ],
-    extras_require={
-        # transformers: the reference model of the parity tests; matplotlib: the report's plots are tested
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "pytest-benchmark>=4", "transformers>=4.40", "matplotlib>=3.7"],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "transformers>=4.40"],
-        "serve": ["litserve>=0.2.10", "tritonclient[http,grpc]>=2.40", "prometheus-client>=0.17"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["fastmvit=fastmvit.__main__:main"]},
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; the tests import cuda_extension()
+    ext_modules, cmdclass = cuda_extension()
+    setup(
+        name="fastmvit",
+        version="0.1.0",
+        description="Fast MobileViT / MobileViTv2 inference: fused Triton and CUDA kernels, every checkpoint format",
+        long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+        long_description_content_type="text/markdown",
+        license="Apache-2.0",
+        python_requires=">=3.9",
+        packages=find_packages(include=["fastmvit", "fastmvit.*"]) + ["fastmvit.kernels"],
+        # The Triton kernels live at the top of the repository and install inside the package.
+        package_dir={"fastmvit.kernels": "kernels"},
+        package_data={"fastmvit": ["data/*.tsv"]},
+        install_requires=[
+            "torch>=2.4",
+            "triton>=3.2; platform_system == 'Linux'",
+            "numpy>=1.24",
+            "safetensors>=0.4",
+            "huggingface_hub>=0.23",
+            "pillow>=9.0",
+        ],
+        extras_require={
+            # transformers: the reference model of the parity tests; matplotlib: the report's plots are tested;
+            # pyyaml: timm's own dependency (timm itself goes in with --no-deps: .ci/setup_timm.sh)
+            "test": ["pytest>=7", "pytest-xdist>=3.5", "pytest-benchmark>=4", "transformers>=4.40", "matplotlib>=3.7",
+                     "pyyaml>=5.1"],
+            "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "transformers>=4.40"],
+            "serve": ["litserve>=0.2.19,<0.3", "tritonclient[http,grpc]>=2.40", "prometheus-client>=0.17"],
+            # offline jobs: a progress bar on a terminal; Ray Data to run them on a cluster (`predict --ray`)
+            "offline": ["tqdm>=4.60"],
+            "ray": ["tqdm>=4.60", "ray[data]>=2.40"],
+            # the CPU engine (fastmvit.cpu): the model exported to ONNX, run by OpenVINO or ONNX Runtime
+            "cpu": ["onnx>=1.16", "onnxruntime>=1.18", "openvino>=2024.4"],
+        },
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        entry_points={"console_scripts": ["fastmvit=fastmvit.__main__:main"]},
+    )

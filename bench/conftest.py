@@ -55,7 +55,10 @@ def pytest_sessionfinish(session):
         return
     from fastmvit.benchmark.roofline import roofline_row
 
-    points = sorted({(r.variant, r.batch, r.dtype, r.size) for r in run.results if r.status == "ok" and r.size % 64 == 0})
+    from fastmvit.segmentation import is_segmentation_name
+
+    points = sorted({(r.variant, r.batch, r.dtype, r.size) for r in run.results if r.status == "ok" and r.size % 64 == 0
+                     and not is_segmentation_name(r.variant)})  # the traffic model knows classifiers only
     finish(run.meta)
     run.roofline = [roofline_row(v, b, d, run.meta["peak"], s) for v, b, d, s in points]
     session.config._fastmvit_path = run.save(session.config.getoption("--bench-json"))

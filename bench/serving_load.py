@@ -11,6 +11,16 @@ image; each concurrency level sends --requests of them from that many concurrent
 The batch sizes come from the server itself: LitServe's fastmvit_batch_size histogram on /metrics, Triton's
 per-batch-size execution counts (statistics extension). --json writes the results with the machine,
 versions and date.
+
+Soak under faults (LitServe): --soak sends --requests requests from --concurrency[0] clients, a
+--bad-fraction of them bad (garbage, truncated JPEG, empty body, decompression bomb), SIGKILLs the model
+worker once --kill-at of them have been sent, and reports good requests answered, bad ones refused (4xx),
+and failures by status (503 with Retry-After while the worker is replaced is expected; a connection error
+or a bad request answered 200 is not), the recovery time (kill to the next 200 / to /health 200), and
+the resident memory of the server's processes at each quarter of the run:
+
+    python bench/serving_load.py litserve --soak --model xxs --random --input-size 128 --requests 10000 \
+        --concurrency 32 --bad-fraction 0.05 --kill-at 0.5
 """
 from __future__ import annotations
 
@@ -19,10 +29,14 @@ import asyncio
 import datetime
 import io
 import json
+import os
 import platform
+import signal
+import struct
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional
 from urllib.parse import urlparse
@@ -50,6 +64,16 @@ def sample_images(paths: List[str], count: int = 8) -> List[bytes]:
     return out
 
 
+def bad_bodies(good: bytes) -> Dict[str, bytes]:
+    """Bad requests of the kinds a public endpoint sees; each must get its own 4xx."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return {"garbage": os.urandom(2000), "truncated": good[: len(good) // 3], "empty": b"", "bomb": bomb}
+
+
 # -------------------------------------------------------------------------------------------------
 # Servers
 
@@ -62,7 +86,10 @@ def start_litserve(args, log_dir: Path):
            "--batch-timeout-ms", str(args.batch_timeout_ms), "--device", args.device, "--log-level", "warning"]
     cmd += ["--weights", args.weights] if args.weights else ["--random"] if args.random else []
     cmd += ["--input-size", str(args.input_size)] if args.input_size else []
-    proc = ServerProcess(cmd, log_path=str(log_dir / "litserve.log"), name="litserve").start()
+    env = dict(os.environ)
+    if args.cpu_threads:
+        env["OMP_NUM_THREADS"] = str(args.cpu_threads)
+    proc = ServerProcess(cmd, env=env, log_path=str(log_dir / "litserve.log"), name="litserve").start()
     proc.wait_ready(f"http://127.0.0.1:{port}/health", timeout=args.startup_timeout)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -175,6 +202,121 @@ async def run_level(send, images: List[bytes], requests: int, concurrency: int, 
             "latency_mean_ms": float(lat.mean())}
 
 
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory of every process in the server's process group, in MB."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(d.name)) != pgid:
+                continue
+            total += int((d / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 2**20
+
+
+def worker_pid(pgid: int) -> Optional[int]:
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and os.getpgid(int(d.name)) == pgid and b"spawn_main" in (d / "cmdline").read_bytes():
+                return int(d.name)
+        except OSError:
+            continue
+    return None
+
+
+async def run_soak(url: str, proc, images: List[bytes], args) -> dict:
+    """--soak: one long run with bad requests among the good and one worker kill (see the docstring)."""
+    import aiohttp
+
+    rng = np.random.default_rng(0)
+    bad = bad_bodies(images[0])
+    kinds = ["good" if rng.random() >= args.bad_fraction else str(rng.choice(sorted(bad)))
+             for _ in range(args.requests)]
+    counts = {"good": 0, "bad": 0, "answered": 0, "refused": 0, "failed": {}, "bad_answered_200": 0,
+              "retry_after_missing": 0}
+    memory, quarters, next_i = [], {args.requests * q // 4 for q in range(1, 5)}, 0
+    kill_i = int(args.requests * args.kill_at) if args.kill_at is not None else None
+    kill = {"at": None, "first_200_after": None, "health_200_after": None}
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120))
+
+    async def watch_health():
+        while kill["health_200_after"] is None:
+            await asyncio.sleep(0.2)
+            if kill["at"] is None:
+                continue
+            try:
+                async with session.get(f"{url}/health") as r:
+                    if r.status == 200 and time.monotonic() - kill["at"] > 0.5:
+                        kill["health_200_after"] = time.monotonic() - kill["at"]
+            except aiohttp.ClientError:
+                pass
+
+    async def client():
+        nonlocal next_i
+        while next_i < args.requests:
+            i, next_i = next_i, next_i + 1
+            if i == kill_i:
+                pid = worker_pid(proc.proc.pid)
+                os.kill(pid, signal.SIGKILL)
+                kill["at"] = time.monotonic()
+                print(f"    request {i}: SIGKILLed model worker pid {pid}", flush=True)
+            kind = kinds[i]
+            body = images[i % len(images)] if kind == "good" else bad[kind]
+            sent = time.monotonic()
+            try:
+                async with session.post(f"{url}/predict", data=body, headers={"Content-Type": "image/jpeg"}) as r:
+                    await r.read()
+                    status, retry = r.status, r.headers.get("Retry-After")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                status, retry = type(e).__name__, None
+            if kind == "good":
+                counts["good"] += 1
+                if status == 200:
+                    counts["answered"] += 1
+                    if kill["at"] is not None and sent > kill["at"] and kill["first_200_after"] is None:
+                        kill["first_200_after"] = time.monotonic() - kill["at"]
+                else:
+                    counts["failed"][str(status)] = counts["failed"].get(str(status), 0) + 1
+                    if status in (429, 503) and retry is None:
+                        counts["retry_after_missing"] += 1
+                    if status in (429, 503):
+                        await asyncio.sleep(min(float(retry or 1), 1.0))  # as a client should
+            else:
+                counts["bad"] += 1
+                if isinstance(status, int) and 400 <= status < 500:
+                    counts["refused"] += 1
+                elif status == 200:
+                    counts["bad_answered_200"] += 1
+                else:
+                    counts["failed"][f"bad:{status}"] = counts["failed"].get(f"bad:{status}", 0) + 1
+            done = counts["good"] + counts["bad"]
+            if done in quarters:
+                quarters.discard(done)
+                memory.append({"requests": done, "rss_mb": round(group_rss_mb(proc.proc.pid), 1)})
+                print(f"    {done} requests: server RSS {memory[-1]['rss_mb']:.0f} MB", flush=True)
+
+    start = time.monotonic()
+    health = asyncio.ensure_future(watch_health())
+    try:
+        await asyncio.gather(*[client() for _ in range(args.concurrency[0])])
+    finally:
+        health.cancel()
+        await session.close()
+    wall = time.monotonic() - start
+    result = {"requests": args.requests, "concurrency": args.concurrency[0], "bad_fraction": args.bad_fraction,
+              "seconds": round(wall, 1), **counts, "memory": memory,
+              "recovery_s": {k: (round(v, 2) if v is not None else None) for k, v in
+                             (("first_200", kill["first_200_after"]), ("health_200", kill["health_200_after"]))}}
+    print(f"soak: {counts['answered']}/{counts['good']} good answered, {counts['refused']}/{counts['bad']} bad refused, "
+          f"failed {counts['failed']}, bad answered 200: {counts['bad_answered_200']}, 429/503 without Retry-After: "
+          f"{counts['retry_after_missing']}; recovery after the kill: first 200 {result['recovery_s']['first_200']} s, "
+          f"/health 200 {result['recovery_s']['health_200']} s; {wall:.0f} s in all", flush=True)
+    return result
+
+
 def environment() -> dict:
     import torch
 
@@ -201,6 +343,7 @@ def histogram_line(counts: Dict[int, int]) -> str:
 
 async def main_async(args) -> dict:
     images = sample_images(args.image)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="fastmvit-load-") as tmp:
         proc = None
         if args.url:
@@ -214,6 +357,11 @@ async def main_async(args) -> dict:
         else:
             proc, http_url, grpc_url = start_triton(args, Path(tmp))
         try:
+            if args.soak:
+                soak = await run_soak(http_url, proc, images, args)
+                return {"server": args.server, "model": args.model, "input_size": args.input_size,
+                        "max_batch_size": args.max_batch_size, "environment": environment(),
+                        "load_before": load_before, "soak": soak, "results": []}
             if args.server == "litserve":
                 send, close = litserve_sender(http_url)
             else:
@@ -269,12 +417,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--name", default="fastmvit", help="Triton model name (default fastmvit)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--cpu-threads", type=int, help="OMP_NUM_THREADS of the server it starts (default: torch's)")
+    p.add_argument("--soak", action="store_true", help="the soak under faults (LitServe; see the docstring)")
+    p.add_argument("--bad-fraction", type=float, default=0.05, help="--soak: share of bad requests (default 0.05)")
+    p.add_argument("--kill-at", type=float, default=0.5,
+                   help="--soak: SIGKILL the model worker after this share of the requests (default 0.5)")
     args = p.parse_args(argv)
+    if args.soak and (args.server != "litserve" or args.url):
+        p.error("--soak starts a LitServe server itself (it kills its worker): use it without --url")
     if args.requests < 1 or min(args.concurrency) < 1:
         p.error("--requests and --concurrency must be positive")
     out = asyncio.run(main_async(args))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if args.soak:
+        soak = out["soak"]
+        return 0 if set(soak["failed"]) <= {"503"} and not soak["bad_answered_200"] else 1
     return 0 if all(r["errors"] == 0 for r in out["results"]) else 1
 
 

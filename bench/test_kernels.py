@@ -30,7 +30,10 @@ def test_kernel(benchmark, bench_run, case, dtype):
     bench_run.kernels.append(row)
     if row["status"] != "ok":
         pytest.skip(f"{case.family}: {row['reason']}")
-    fused, _ = case.make(DEVICE, DTYPES[dtype])
+    fused, eager = case.make(DEVICE, DTYPES[dtype])
+    got, expected = fused(), eager()  # the timed op must compute what it replaces (tests/kernels bound it)
+    assert got.shape == expected.shape and bool(got.isfinite().all()), case.name
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05 * expected.float().abs().max().item())
     benchmark.extra_info.update({k: v for k, v in row.items() if k in ("speedup", "bound", "gflop", "mb")})
     benchmark.pedantic(synchronized(fused, DEVICE), rounds=50, iterations=1, warmup_rounds=5)
     torch.cuda.empty_cache()

@@ -22,9 +22,13 @@ def pytest_generate_tests(metafunc):
 
 
 def test_model(benchmark, bench_run, point, request):
+    measure_point(benchmark, bench_run, point, request, request.config.getoption("--bench-size"))
+
+
+def measure_point(benchmark, bench_run, point, request, size):
+    """Time one (model, batch, dtype, engine) at ``size`` x ``size`` and record it in the run's results."""
     variant, batch, dtype, name = point
     engine = E.ENGINES[name]
-    size = request.config.getoption("--bench-size")
     benchmark.group = f"{variant} b{batch} {dtype}"
     try:
         prepared = engine.build(variant, batch, dtype, DEVICE, size)
@@ -37,6 +41,8 @@ def test_model(benchmark, bench_run, point, request):
         bench_run.results.append(Result(variant, batch, dtype, name, "failed", f"{type(ex).__name__}: {ex}", size=size))
         pytest.skip(f"{name} failed to build: {type(ex).__name__}: {ex}")
     try:
+        out = prepared.fn()  # a benchmark of an engine that computes nothing useful would mean nothing
+        assert tuple(out.shape) == (batch, 1000) and bool(out.isfinite().all()), f"{name}: bad logits {out.shape}"
         warm = sum(warm_up(prepared.fn, DEVICE, max(engine.warmup, 1)))
         per_call = time_call(prepared.fn, DEVICE)
         budget = Budget(min_rounds=request.config.getoption("--bench-min-rounds"),

@@ -8,14 +8,15 @@ Importing fastmvit imports torch but never initialises CUDA, compiles a kernel o
 """
 from .api import list_models, load
 from .errors import CheckpointError, FastMViTError, InputError, OptionError, WeightsNotFoundError
-from .model import MobileViT, Numerics
+from .masks import label_map
+from .model import DeepLabV3, MobileViT, Numerics
 from .preprocess import PreprocessConfig, imagenet_classes, load_image, preprocess, topk
 from .variants import VARIANTS, get_variant
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "list_models", "MobileViT", "Numerics", "VARIANTS", "get_variant",
+    "load", "list_models", "MobileViT", "DeepLabV3", "label_map", "Numerics", "VARIANTS", "get_variant",
     "PreprocessConfig", "preprocess", "load_image", "imagenet_classes", "topk",
     "FastMViTError", "InputError", "OptionError", "CheckpointError", "WeightsNotFoundError", "__version__",
 ]

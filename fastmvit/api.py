@@ -49,6 +49,7 @@ def load(
     cuda_graphs: bool = True,
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = None,
+    **segmentation_options,
 ) -> MobileViT:
     """Build a MobileViT and load its weights.
 
@@ -65,17 +66,38 @@ def load(
         num_classes: classes of the head; None takes the checkpoint's, 0 returns pooled features.
         numerics: "auto" computes exactly like the implementation the checkpoint came from; or one of
             "cvnets", "timm", "hf", "mmpretrain", or a ``Numerics``.
-        backend: "auto" runs the fused Triton engine on CUDA tensors and the plain PyTorch modules on CPU
-            tensors; "triton" forces the engine (on CPU tensors under TRITON_INTERPRET=1, slow, for
-            tests); "torch" never uses it.
-        cuda_graphs: replay CUDA graphs for batches up to ``model.cuda_graph_max_batch`` (32) on the
-            engine path.
+        backend: "auto" runs the fused Triton engine on CUDA tensors and the CPU engine (``fastmvit.cpu``:
+            OpenVINO, else ONNX Runtime, else the plain modules) on CPU tensors; "triton" forces the fused
+            engine (on CPU tensors under TRITON_INTERPRET=1, slow, for tests); "onnxruntime" or
+            "openvino" force the CPU engine on that runtime; "torch" runs the plain PyTorch modules.
+        cuda_graphs: replay CUDA graphs on the engine path, for every batch size whose graphs fit the
+            memory budget (``model.cuda_graph_max_batch`` can also cap the batch).
         device, dtype: where and in which float type to put the model.
+
+    Segmentation (MobileViT + DeepLabV3): name "deeplabv3-<variant>" or one of Apple's hub repositories
+    ("apple/deeplabv3-mobilevit-small", ...), or any name with a segmentation checkpoint as ``weights``,
+    returns a ``fastmvit.model.DeepLabV3``; ``output_stride=`` and ``atrous_rates=`` override what the
+    checkpoint's config says (see ``fastmvit.segmentation.load_segmentation``).
 
     Returns the model in eval mode. ``model.pretrained_cfg`` records the source, the preprocessing the
     weights expect and the class labels.
     """
+    from . import segmentation
+
+    seg_options = dict(pretrained=pretrained, num_classes=num_classes, numerics=numerics, backend=backend,
+                       device=device, dtype=dtype, **segmentation_options)
+    if segmentation.is_segmentation_name(name):
+        return segmentation.load_segmentation(name, weights, **seg_options)
     variant = get_variant(name)
+
+    def refuse_segmentation_options():  # a classifier after all
+        if segmentation_options:
+            raise OptionError(f"{', '.join(segmentation_options)} apply to segmentation models only (names "
+                            f"{segmentation.PREFIX}<variant>, Apple's DeepLabV3 repositories or segmentation "
+                            f"weights)")
+
+    if weights is None:
+        refuse_segmentation_options()
     pretrained_weights = None
     if weights is None and pretrained:
         weights, pretrained_weights = resolve_pretrained(variant, pretrained)
@@ -83,6 +105,9 @@ def load(
     fmt, info, labels = None, {}, None
     if weights is not None:
         tensors, info = read_checkpoint(weights)
+        if segmentation.is_segmentation_checkpoint(tensors):  # a DeepLabV3 checkpoint named by its backbone
+            return segmentation.load_segmentation(name, _read=(tensors, info), **seg_options)
+        refuse_segmentation_options()
         canonical = to_canonical(tensors, variant.name, num_classes)
         fmt, num_classes = canonical.fmt, canonical.num_classes
         model = MobileViT(variant, num_classes)

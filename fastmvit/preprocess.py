@@ -22,7 +22,8 @@ import torch
 from .errors import InputError, OptionError
 
 __all__ = [
-    "PreprocessConfig", "preprocess_config_for", "load_image", "preprocess", "imagenet_classes", "topk",
+    "PreprocessConfig", "preprocess_config_for", "load_image", "preprocess", "imagenet_classes", "imagenet_wnids",
+    "topk",
 ]
 
 
@@ -182,12 +183,24 @@ def preprocess(images, cfg: PreprocessConfig) -> torch.Tensor:
 # Labels
 
 @functools.lru_cache(maxsize=1)
+def _imagenet_table() -> List[List[str]]:
+    text = resources.files("fastmvit").joinpath("data/imagenet_classes.tsv").read_text(encoding="utf-8")
+    rows = [line.split("\t", 1) for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(rows) == 1000, len(rows)
+    return rows
+
+
+@functools.lru_cache(maxsize=1)
 def imagenet_classes() -> List[str]:
     """The 1000 ImageNet-1k class names in training index order ("tench, Tinca tinca", ...)."""
-    text = resources.files("fastmvit").joinpath("data/imagenet_classes.tsv").read_text(encoding="utf-8")
-    names = [line.split("\t", 1)[1] for line in text.splitlines() if line and not line.startswith("#")]
-    assert len(names) == 1000, len(names)
-    return names
+    return [name for _, name in _imagenet_table()]
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_wnids() -> List[str]:
+    """The 1000 ImageNet-1k WordNet ids in training index order ("n01440764", ...): the folder names of
+    the ImageNet train and val trees."""
+    return [wnid for wnid, _ in _imagenet_table()]
 
 
 def topk(logits: torch.Tensor, k: int = 5, labels: Optional[Sequence[str]] = None) -> List[List[dict]]:

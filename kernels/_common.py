@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -14,6 +14,16 @@ import triton.language as tl
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+# Triton chose interpreted or compiled kernels when they were decorated, at import: so does fastmvit.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreting() -> bool:
+    """True when kernels run under TRITON_INTERPRET=1 (CPU tests): launchers then pick one large block
+    configuration, since the interpreter's cost grows with the number of programs, not their size."""
+    return INTERPRET
+
+
 def launch(kernel, grid, *args, **meta) -> None:
     """``wrap_triton(kernel)[grid](*args, **meta)``: traceable by torch.compile and CUDA graphs.
 
@@ -21,7 +31,7 @@ def launch(kernel, grid, *args, **meta) -> None:
     propagation) nothing runs, since torch needs only the outputs' metadata; a functional trace (the
     graph torch.compile would run) is refused, because skipping the kernel there would leave its output
     unwritten in the compiled graph."""
-    if interpreting():
+    if INTERPRET:
         from torch._subclasses.fake_tensor import FakeTensor, is_fake
 
         tensors = [t for t in args if isinstance(t, torch.Tensor)]
@@ -33,19 +43,46 @@ def launch(kernel, grid, *args, **meta) -> None:
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
-def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """``torch.empty`` for a kernel's output; NaN-filled when FASTMVIT_POISON_OUTPUTS=1 (the tests set it),
-    so an element a kernel fails to write shows up as NaN, in a kernel test or deep inside the model."""
+class Launch:
+    """One kernel launch resolved for one input signature: grid, scalar arguments (they follow the
+    pointers in every kernel here) and constexprs fixed; a call passes the tensors.
+
+    ``launch(*tensors)`` is the eager path: ``kernel.run``, exactly what ``kernel[grid](...)`` calls, with
+    no custom-op dispatch or ``wrap_triton`` in front. ``launch.traced(*tensors)`` goes through
+    ``wrap_triton`` (the registered ops' bodies, which torch.compile traces). Either way Triton launches
+    on its *current* device and that device's current stream (``JITFunction.run`` asks the driver), not
+    on the tensors' device: the engine runs each forward under a guard on the input's device, and
+    whoever calls a launcher directly must do the same."""
+
+    __slots__ = ("kernel", "grid", "scalars", "meta")
+
+    def __init__(self, kernel, grid: Tuple[int, ...], scalars: Tuple[Any, ...], **meta):
+        self.kernel, self.grid, self.scalars, self.meta = kernel, tuple(grid), tuple(scalars), meta
+
+    def __call__(self, *tensors) -> None:
+        self.kernel.run(*tensors, *self.scalars, grid=self.grid, warmup=False, **self.meta)
+
+    def traced(self, *tensors) -> None:
+        launch(self.kernel, self.grid, *tensors, *self.scalars, **self.meta)
+
+    def __repr__(self) -> str:
+        name = getattr(self.kernel, "__name__", type(self.kernel).__name__)
+        return f"Launch({name}, grid={self.grid}, {self.meta})"
+
+
+def poisoning() -> bool:
+    """FASTMVIT_POISON_OUTPUTS=1 (the tests set it): outputs start NaN-filled, so an element a kernel fails
+    to write shows up as NaN, in a kernel test or deep inside the model. Read when a launch is resolved,
+    not per launch of a resolved one."""
+    return os.environ.get("FASTMVIT_POISON_OUTPUTS") == "1"
+
+
+def empty_output(shape, dtype: torch.dtype, device, poison: Optional[bool] = None) -> torch.Tensor:
+    """``torch.empty`` for a kernel's output; NaN-filled when ``poison`` (default: ``poisoning()``)."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("FASTMVIT_POISON_OUTPUTS") == "1":
+    if poisoning() if poison is None else poison:
         out.fill_(float("nan"))
     return out
-
-
-def interpreting() -> bool:
-    """True when kernels run under TRITON_INTERPRET=1 (CPU tests): launchers then pick one large block
-    configuration, since the interpreter's cost grows with the number of programs, not their size."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, empty_output, interpreting, launch
+from ._common import TRITON_DTYPE, CompileConfig, Launch, empty_output, interpreting, poisoning
 
 __all__ = ["AttentionConfig", "gpu_configs", "launch_config", "patch_attention", "compile_configs"]
 
@@ -195,27 +195,36 @@ def launch_config(N: int, n_groups: int, dtype: torch.dtype, head_dim: int,
     return big if n_groups * triton.cdiv(N, big.BLOCK_M) >= 2 * sms else small
 
 
-def _align(t: torch.Tensor) -> int:
-    """Largest power of two (at most 16) dividing the batch, row and column strides of ``t`` (those of
+def _align(shape, strides) -> int:
+    """Largest power of two (at most 16) dividing the batch, row and column strides of a tensor (those of
     size-1 dimensions never multiply a non-zero index): the vector width its loads may assume."""
     g = 0
-    for size, stride in zip(t.shape[:3], t.stride()[:3]):
+    for size, stride in zip(shape[:3], strides[:3]):
         if size > 1:
             g = math.gcd(g, stride)
     return math.gcd(g, 16) if g else 16
 
 
-def patch_attention(qkv: torch.Tensor, heads: int, *, out: torch.Tensor | None = None,
-                    config: AttentionConfig | None = None) -> torch.Tensor:
-    """Multi-head attention over the 2x2-patch sequences of an NHWC map.
+class AttentionPlan:
+    """``patch_attention`` resolved for one qkv signature: ``plan(qkv)`` allocates ``out`` and launches."""
 
-    qkv: [B, H, W, 3*d] float32/float16/bfloat16, H and W even, channel stride 1 (other strides free);
-        channels [0, d) are q, [d, 2d) k, [2d, 3d) v, head h owning h*hd ... (h+1)*hd - 1, hd = d / heads.
-    Returns out: [B, H, W, d], same dtype: at pixel (y, x) the head-concatenated attention output of the
-    query at that pixel within its sequence (b, y % 2, x % 2), i.e. softmax((q * hd**-0.5) @ k^T) @ v.
-    ``out`` may be given (any strides with channel stride 1) and is then written and returned;
-    ``config`` overrides ``launch_config`` (tests use it to run the GPU tiles under the interpreter).
-    """
+    __slots__ = ("launch", "out_shape", "dtype", "device", "poison")
+
+    def __init__(self, launch_, out_shape, dtype, device, poison):
+        self.launch, self.out_shape, self.dtype, self.device, self.poison = launch_, out_shape, dtype, device, poison
+
+    def __call__(self, qkv: torch.Tensor, out: torch.Tensor | None = None, traced: bool = False) -> torch.Tensor:
+        if out is None:
+            out = empty_output(self.out_shape, self.dtype, self.device, self.poison)
+        if self.launch is not None:
+            (self.launch.traced if traced else self.launch)(qkv, out)
+        return out
+
+
+def patch_attention_plan(qkv: torch.Tensor, heads: int, *, out: torch.Tensor | None = None,
+                         config: AttentionConfig | None = None) -> AttentionPlan:
+    """Checks and launch configuration of ``patch_attention`` for a qkv (and out) like these: metadata
+    only. qkv must already have channel stride 1."""
     if qkv.dim() != 4:
         raise ValueError(f"patch_attention: qkv must be [B, H, W, 3*d], got shape {tuple(qkv.shape)}")
     B, H, W, C3 = qkv.shape
@@ -229,32 +238,42 @@ def patch_attention(qkv: torch.Tensor, heads: int, *, out: torch.Tensor | None =
     hd = d // heads
     if hd > 128:
         raise ValueError(f"patch_attention: head dim {hd} > 128 is not supported")
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
-    if out is None:
-        out = empty_output((B, H, W, d), qkv.dtype, qkv.device)
-    elif out.shape != (B, H, W, d) or out.dtype != qkv.dtype or out.stride(-1) != 1:
+    if out is not None and (out.shape != (B, H, W, d) or out.dtype != qkv.dtype or out.stride(-1) != 1):
         raise ValueError(f"patch_attention: out must be [{B}, {H}, {W}, {d}] {qkv.dtype} with channel stride 1")
+    out_strides = out.stride() if out is not None else (H * W * d, W * d, d, 1)
     N = (H // 2) * (W // 2)
     n_groups = B * 4 * heads
-    if N == 0 or B == 0:
-        return out
-    cfg = config or launch_config(N, n_groups, qkv.dtype, hd, qkv.device)
-    rows = cfg.BLOCK_M // cfg.G
-    if cfg.G > 1 and cfg.BLOCK_N // cfg.G < N:
-        raise ValueError(f"patch_attention: {cfg} packs {cfg.G} groups but cannot hold N = {N} keys")
-    grid = (triton.cdiv(N, rows) * triton.cdiv(n_groups, cfg.G),)
-    launch(
-        _patch_attention_kernel, grid, qkv, out, n_groups, N, W // 2,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        hd ** -0.5,
-        HEADS=heads, HD=hd, HD_PAD=max(16, triton.next_power_of_2(hd)),
-        G=cfg.G, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        ALIGN_Q=_align(qkv), ALIGN_O=_align(out),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out
+    kernel_launch = None
+    if N and B:
+        cfg = config or launch_config(N, n_groups, qkv.dtype, hd, qkv.device)
+        rows = cfg.BLOCK_M // cfg.G
+        if cfg.G > 1 and cfg.BLOCK_N // cfg.G < N:
+            raise ValueError(f"patch_attention: {cfg} packs {cfg.G} groups but cannot hold N = {N} keys")
+        grid = (triton.cdiv(N, rows) * triton.cdiv(n_groups, cfg.G),)
+        kernel_launch = Launch(
+            _patch_attention_kernel, grid,
+            (n_groups, N, W // 2, qkv.stride(0), qkv.stride(1), qkv.stride(2), *out_strides[:3], hd ** -0.5),
+            HEADS=heads, HD=hd, HD_PAD=max(16, triton.next_power_of_2(hd)),
+            G=cfg.G, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+            ALIGN_Q=_align(qkv.shape, qkv.stride()), ALIGN_O=_align((B, H, W, d), out_strides),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return AttentionPlan(kernel_launch, (B, H, W, d), qkv.dtype, qkv.device, poisoning())
+
+
+def patch_attention(qkv: torch.Tensor, heads: int, *, out: torch.Tensor | None = None,
+                    config: AttentionConfig | None = None) -> torch.Tensor:
+    """Multi-head attention over the 2x2-patch sequences of an NHWC map (launched traceably).
+
+    qkv: [B, H, W, 3*d] float32/float16/bfloat16, H and W even, channel stride 1 (other strides free);
+        channels [0, d) are q, [d, 2d) k, [2d, 3d) v, head h owning h*hd ... (h+1)*hd - 1, hd = d / heads.
+    Returns out: [B, H, W, d], same dtype: at pixel (y, x) the head-concatenated attention output of the
+    query at that pixel within its sequence (b, y % 2, x % 2), i.e. softmax((q * hd**-0.5) @ k^T) @ v.
+    ``out`` may be given (any strides with channel stride 1) and is then written and returned;
+    ``config`` overrides ``launch_config`` (tests use it to run the GPU tiles under the interpreter).
+    """
+    if qkv.dim() == 4 and qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    return patch_attention_plan(qkv, heads, out=out, config=config)(qkv, out, traced=True)
 
 
 def compile_configs() -> list:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting, launch, silu, vec_width
+from ._common import TRITON_DTYPE, CompileConfig, Launch, interpreting, silu, vec_width
 from .dwconv import out_size
 
 FLAT_K_MAX_CIN = 7  # 9 * 7 = 63 taps x channels fit one BLOCK_K = 64 gathered tile
@@ -150,13 +150,13 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
     return bm, bn, bk, (8 if bm * bn >= 128 * 128 else 4), (2 if fp32 else 3)
 
 
-def conv3x3_launch(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
-                   x2: Optional[torch.Tensor], w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                   stride: int, act: bool) -> torch.Tensor:
-    """Launch into a preallocated ``y [B, OH, OW, Cout]``. x holds ``c1`` channels of an ``H x W`` map
-    with strides ``x_strides`` in logical (b, h, w, c) order (an NCHW tensor passes ``(s0, s2, s3, s1)``);
-    ``x2`` is the NHWC second input of the fusion conv, or None."""
-    B, OH, OW, cout = y.shape
+def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
+                 x2: Optional[torch.Tensor], y_shape: Tuple[int, int, int, int], stride: int, act: bool) -> Launch:
+    """The launch for tensors like these (metadata only): ``plan(x, x2 or x, w, bias, y)`` writes a
+    contiguous ``y [B, OH, OW, Cout]``. x holds ``c1`` channels of an ``H x W`` map with strides
+    ``x_strides`` in logical (b, h, w, c) order (an NCHW tensor passes ``(s0, s2, s3, s1)``); ``x2`` is
+    the NHWC second input of the fusion conv, or None."""
+    B, OH, OW, cout = y_shape
     c2 = x2.shape[-1] if x2 is not None else 0
     M = B * OH * OW
     flat = x2 is None and c1 <= FLAT_K_MAX_CIN
@@ -166,10 +166,17 @@ def conv3x3_launch(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int
     vec = vec_width(x.dtype, cout) if flat else vec_width(x.dtype, cout, c1, c2, sxb, sxh, sxw, *s2)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
     grid = (triton.cdiv(M, bm), triton.cdiv(cout, bn))
-    launch(_conv3x3_kernel, grid, x, x2 if x2 is not None else x, w, bias, y, H, W, c1, c2, cout, OH, OW, M,
-           sxb, sxh, sxw, sxc, *s2,
-           STRIDE=stride, ACT=act, HAS_X2=x2 is not None, FLAT_K=flat, VEC=vec, PREC=prec,
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return Launch(_conv3x3_kernel, grid, (H, W, c1, c2, cout, OH, OW, M, sxb, sxh, sxw, sxc, *s2),
+                  STRIDE=stride, ACT=act, HAS_X2=x2 is not None, FLAT_K=flat, VEC=vec, PREC=prec,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def conv3x3_launch(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
+                   x2: Optional[torch.Tensor], w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
+                   stride: int, act: bool) -> torch.Tensor:
+    """Launch (traceably) into a preallocated contiguous ``y [B, OH, OW, Cout]``; see ``conv3x3_plan``."""
+    conv3x3_plan(x, x_strides, H, W, c1, x2, tuple(y.shape), stride, act).traced(
+        x, x2 if x2 is not None else x, w, bias, y)
     return y
 
 

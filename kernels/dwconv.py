@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting, launch, silu, vec_width
+from ._common import TRITON_DTYPE, CompileConfig, Launch, interpreting, silu, vec_width
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,19 +84,26 @@ def dwconv_config(C: int, M: int = 1 << 30, interpret: bool | None = None) -> Tu
     return max(16, 2048 // block_c), block_c, 4
 
 
-def dwconv3x3_launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                     stride: int, dilation: int, act: bool) -> torch.Tensor:
-    """Launch into a preallocated ``y``."""
+def dwconv3x3_plan(x: torch.Tensor, y_shape: Tuple[int, int, int, int], stride: int, dilation: int,
+                   act: bool) -> Launch:
+    """The launch for an x like this one (metadata only): ``plan(x, w, bias, y)`` writes a contiguous
+    ``y`` of ``y_shape``."""
     B, H, W, C = x.shape
-    OH, OW = y.shape[1], y.shape[2]
+    OH, OW = y_shape[1], y_shape[2]
     M = B * OH * OW
     block_p, block_c, warps = dwconv_config(C, M)
     sxb, sxh, sxw = x.stride(0), x.stride(1), x.stride(2)
     vec = vec_width(x.dtype, C, sxb, sxh, sxw)
     grid = (triton.cdiv(M, block_p), triton.cdiv(C, block_c))
-    launch(_dwconv3x3_kernel, grid, x, w, bias, y, H, W, C, OH, OW, M, sxb, sxh, sxw,
-                 STRIDE=stride, DIL=dilation, ACT=act, VEC=vec, BLOCK_P=block_p, BLOCK_C=block_c,
-                 num_warps=warps)
+    return Launch(_dwconv3x3_kernel, grid, (H, W, C, OH, OW, M, sxb, sxh, sxw),
+                  STRIDE=stride, DIL=dilation, ACT=act, VEC=vec, BLOCK_P=block_p, BLOCK_C=block_c,
+                  num_warps=warps)
+
+
+def dwconv3x3_launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
+                     stride: int, dilation: int, act: bool) -> torch.Tensor:
+    """Launch (traceably) into a preallocated contiguous ``y``."""
+    dwconv3x3_plan(x, tuple(y.shape), stride, dilation, act).traced(x, w, bias, y)
     return y
 
 

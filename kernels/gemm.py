@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, empty_output, interpreting, launch
+from ._common import TRITON_DTYPE, CompileConfig, Launch, empty_output, interpreting, poisoning
 
 __all__ = ["GemmConfig", "pick_config", "is_aligned", "gemm",
            "compile_configs"]
@@ -211,6 +211,7 @@ def gemm_kernel(
     NORM: tl.constexpr, RELU_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     HAS_RES: tl.constexpr, EMIT_STATS: tl.constexpr, POOL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, A_VEC: tl.constexpr,
+    PAD_STORE: tl.constexpr,
 ):
     """One program per (row tile, column tile); see the module docstring. Grid: POOL -> B * tiles_n;
     EMIT_STATS -> B * tiles_per_sample * tiles_n; otherwise cdiv(M, BM) * tiles_n (column tiles of one
@@ -264,7 +265,12 @@ def gemm_kernel(
             col_sum += tl.sum(tl.where(ok, acc, 0.0), axis=0)
         else:
             y = acc.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + row0 * stride_om + (lrows[:, None] * stride_om + offs_n[None, :]), y, mask=ok)
+            # PAD_STORE: y's rows are padded to stride_om (a multiple of 16; W's padding columns are zero, so
+            # are the values there): masking at the row stride keeps whole 16-byte vectors (v2's qkv, N = 2d+1)
+            st_ok = ok
+            if PAD_STORE:
+                st_ok = row_ok[:, None] & (offs_n < stride_om)[None, :]
+            tl.store(out_ptr + row0 * stride_om + (lrows[:, None] * stride_om + offs_n[None, :]), y, mask=st_ok)
             if EMIT_STATS:
                 # Statistics of the values as stored, so the consumer normalises exactly what it reads.
                 yf = tl.where(ok, y.to(tl.float32), 0.0)
@@ -311,7 +317,7 @@ def _pow2(x: int, lo: int, hi: int) -> int:
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[int] = None,
                 norm: bool = False, relu_scale: bool = False, pool: bool = False, aligned: bool = True,
-                sms: int = 132) -> GemmConfig:
+                sms: int = 132, interpret: Optional[bool] = None) -> GemmConfig:
     """Fixed launch rules per shape class (designed for sm_90 and checked there for spills, not timed).
 
     rows: rows per sample when tiles are sample-aligned (EMIT_STATS / POOL); norm (LN / GN) and
@@ -322,7 +328,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[in
     classes are few on purpose (each is one JIT compile at warm-up) and each compiles without spills
     for sm_90, aligned or not, with every flag combination (``compile_configs``).
     """
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         # The interpreter's cost grows with the number of programs, not their size.
         return GemmConfig(_pow2(rows or M, 16, 512), _pow2(N, 16, 512), _pow2(K, 16, 256), 4, 1)
     if dtype == torch.float32:  # IEEE fp32 dot runs on FMA units
@@ -361,51 +367,85 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def gemm(a: torch.Tensor, w: torch.Tensor, n_out: int, *, bias: Optional[torch.Tensor] = None,
-         act: bool = False, residual: Optional[torch.Tensor] = None, norm: int = NORM_NONE,
-         group_stats: Optional[torch.Tensor] = None, rows_per_sample: int = 0,
-         relu_scale: Optional[torch.Tensor] = None, hw: tuple = (0, 0), emit_stats: bool = False,
-         pool: bool = False, eps: float = 1e-5, out_stride: int = 0, config: Optional[GemmConfig] = None):
-    """Launch ``gemm_kernel``; arguments are validated by ``fastmvit.ops.gemm.linear``.
+class GemmPlan:
+    """``gemm`` resolved for one signature (shapes, strides, alignment, flags): tile configuration,
+    grid, scalar arguments and output shapes, fixed. ``plan(a, w, bias, residual, group_stats,
+    relu_scale)`` allocates the outputs and launches; nothing else runs per call."""
 
-    a [M, K] (column stride 1), w [K, N_pad] packed, bias [N] float32, residual [M, n_out] (column
-    stride 1), group_stats [B, 3, T] float32, relu_scale [B, 4, K] float32, hw = (H, W) of the map for
-    relu_scale, out_stride: row stride of y (>= n_out; 0: n_out). Returns y [M, n_out] in a's dtype (a
-    view of [M, out_stride] storage); with emit_stats (y, stats [B, 3, T]); with pool [B, n_out] float32.
-    """
+    __slots__ = ("launch", "out_shape", "n_out", "padded", "out_dtype", "stats_shape", "device", "poison")
+
+    def __init__(self, launch_, out_shape, n_out, padded, out_dtype, stats_shape, device, poison):
+        self.launch, self.out_shape, self.n_out, self.padded = launch_, out_shape, n_out, padded
+        self.out_dtype, self.stats_shape, self.device, self.poison = out_dtype, stats_shape, device, poison
+
+    def __call__(self, a, w, bias, residual, group_stats, relu_scale, traced: bool = False):
+        out = empty_output(self.out_shape, self.out_dtype, self.device, self.poison)
+        if self.padded:
+            out = out[:, :self.n_out]
+        stats = None if self.stats_shape is None else \
+            empty_output(self.stats_shape, torch.float32, self.device, self.poison)
+        (self.launch.traced if traced else self.launch)(
+            a, w, out if bias is None else bias, out if residual is None else residual, out,
+            out if group_stats is None else group_stats, out if relu_scale is None else relu_scale,
+            out if stats is None else stats)
+        return out if stats is None else (out, stats)
+
+
+def gemm_plan(a: torch.Tensor, w: torch.Tensor, n_out: int, *, has_bias: bool = False, act: bool = False,
+              residual: Optional[torch.Tensor] = None, norm: int = NORM_NONE,
+              group_stats: Optional[torch.Tensor] = None, rows_per_sample: int = 0, has_relu_scale: bool = False,
+              hw: tuple = (0, 0), emit_stats: bool = False, pool: bool = False, eps: float = 1e-5,
+              out_stride: int = 0, config: Optional[GemmConfig] = None,
+              poison: Optional[bool] = None) -> GemmPlan:
+    """Resolve ``gemm`` for tensors shaped, strided and placed like these (only their metadata is read)."""
     M, K = a.shape
     N = n_out
     B = M // rows_per_sample if rows_per_sample else 1
     aligned_rows = emit_stats or pool
-    if pool:
-        out = empty_output((B, N), torch.float32, a.device)
-    else:
-        out = empty_output((M, max(out_stride, N)), a.dtype, a.device)[:, :N]
+    row_stride = N if pool else max(out_stride, N)  # y is allocated fresh: offset 0, this row stride
     cfg = config or pick_config(M, N, K, a.dtype, rows=rows_per_sample if aligned_rows else None,
-                                norm=norm != NORM_NONE, relu_scale=relu_scale is not None, pool=pool,
-                                aligned=is_aligned(a, residual, None if pool else out), sms=_sm_count(a.device))
+                                norm=norm != NORM_NONE, relu_scale=has_relu_scale, pool=pool,
+                                aligned=is_aligned(a, residual) and (pool or row_stride % 16 == 0),
+                                sms=_sm_count(a.device))
     tiles_n = triton.cdiv(N, cfg.BN)
     tps = triton.cdiv(rows_per_sample, cfg.BM) if aligned_rows else 0
     if pool:
         grid = (B * tiles_n,)
     else:
         grid = ((B * tps if emit_stats else triton.cdiv(M, cfg.BM)) * tiles_n,)
-    stats = empty_output((B, 3, tps * tiles_n), torch.float32, a.device) if emit_stats else None
-    dummy = out
     H, W = hw
-    launch(
-        gemm_kernel, grid,
-        a, w, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
-        group_stats if group_stats is not None else dummy, relu_scale if relu_scale is not None else dummy,
-        stats if stats is not None else dummy,
-        M, N, K, a.stride(0), w.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        rows_per_sample, group_stats.shape[2] if group_stats is not None else 0, H * W, W, tps, eps,
-        NORM=norm, RELU_SCALE=relu_scale is not None, HAS_BIAS=bias is not None, ACT=act,
+    scalars = (M, N, K, a.stride(0), w.stride(0), residual.stride(0) if residual is not None else 0, row_stride,
+               rows_per_sample, group_stats.shape[2] if group_stats is not None else 0, H * W, W, tps, eps)
+    kernel_launch = Launch(
+        gemm_kernel, grid, scalars,
+        NORM=norm, RELU_SCALE=has_relu_scale, HAS_BIAS=has_bias, ACT=act,
         HAS_RES=residual is not None, EMIT_STATS=emit_stats, POOL=pool,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PRECISION=_precision(a.dtype), A_VEC=is_aligned(a),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return (out, stats) if emit_stats else out
+        PAD_STORE=not (pool or emit_stats) and row_stride != N,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return GemmPlan(kernel_launch, (B, N) if pool else (M, row_stride), N, not pool and row_stride != N,
+                    torch.float32 if pool else a.dtype, (B, 3, tps * tiles_n) if emit_stats else None, a.device,
+                    poisoning() if poison is None else poison)
+
+
+def gemm(a: torch.Tensor, w: torch.Tensor, n_out: int, *, bias: Optional[torch.Tensor] = None,
+         act: bool = False, residual: Optional[torch.Tensor] = None, norm: int = NORM_NONE,
+         group_stats: Optional[torch.Tensor] = None, rows_per_sample: int = 0,
+         relu_scale: Optional[torch.Tensor] = None, hw: tuple = (0, 0), emit_stats: bool = False,
+         pool: bool = False, eps: float = 1e-5, out_stride: int = 0, config: Optional[GemmConfig] = None):
+    """Launch ``gemm_kernel`` (traceably: ``wrap_triton``); arguments are validated by
+    ``fastmvit.ops.gemm.linear``.
+
+    a [M, K] (column stride 1), w [K, N_pad] packed, bias [N] float32, residual [M, n_out] (column
+    stride 1), group_stats [B, 3, T] float32, relu_scale [B, 4, K] float32, hw = (H, W) of the map for
+    relu_scale, out_stride: row stride of y (>= n_out; 0: n_out). Returns y [M, n_out] in a's dtype (a
+    view of [M, out_stride] storage); with emit_stats (y, stats [B, 3, T]); with pool [B, n_out] float32.
+    """
+    plan = gemm_plan(a, w, n_out, has_bias=bias is not None, act=act, residual=residual, norm=norm,
+                     group_stats=group_stats, rows_per_sample=rows_per_sample,
+                     has_relu_scale=relu_scale is not None, hw=hw, emit_stats=emit_stats, pool=pool, eps=eps,
+                     out_stride=out_stride, config=config)
+    return plan(a, w, bias, residual, group_stats, relu_scale, traced=True)
 
 
 # -- ahead-of-time compile check -------------------------------------------------------------------------
@@ -465,7 +505,7 @@ def _signature(name: str) -> dict:
                                    "n_slots_in", "hw", "img_w", "tiles_per_sample")})
     sig["eps"] = "fp32"
     sig.update({k: "constexpr" for k in ("NORM", "RELU_SCALE", "HAS_BIAS", "ACT", "HAS_RES", "EMIT_STATS",
-                                         "POOL", "BM", "BN", "BK", "PRECISION", "A_VEC")})
+                                         "POOL", "BM", "BN", "BK", "PRECISION", "A_VEC", "PAD_STORE")})
     return sig
 
 
@@ -509,13 +549,14 @@ def compile_configs(batches=(1, 8, 64, 256), size: int = 256) -> List[CompileCon
                                 HAS_BIAS=c.get("bias", False), ACT=c.get("act", False), HAS_RES=c.get("res", False),
                                 EMIT_STATS=c.get("stats", False), POOL=c.get("pool", False),
                                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PRECISION=_precision(dtype),
-                                A_VEC="a_ptr" in div16)
+                                A_VEC="a_ptr" in div16, PAD_STORE=bool(c.get("qkv")) and not c.get("stats"))
                     key = (name, tuple(sorted(cons.items())), cfg.num_warps, cfg.num_stages, div16)
                     if key in seen:
                         continue
                     flags = [{1: "ln", 2: "gn"}.get(cons["NORM"])] + [
                         tag for k, tag in (("RELU_SCALE", "relu_scale"), ("HAS_BIAS", "bias"), ("ACT", "silu"),
-                                           ("HAS_RES", "res"), ("EMIT_STATS", "stats"), ("POOL", "pool")) if cons[k]]
+                                           ("HAS_RES", "res"), ("EMIT_STATS", "stats"), ("POOL", "pool"),
+                                           ("PAD_STORE", "padstore")) if cons[k]]
                     align = "".join(tag for arg, tag in (("a_ptr", "a"), ("out_ptr", "y"), ("K", "K"), ("N", "N"))
                                     if arg in div16)
                     label = (f"gemm-{name}-{'-'.join(f for f in flags if f) or 'plain'}"

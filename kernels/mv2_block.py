@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, interpreting, launch, silu, vec_width
+from ._common import TRITON_DTYPE, CompileConfig, Launch, interpreting, silu, vec_width
 from .dwconv import out_size
 
 # Limits of the fused kernel: the whole input row (Cin) is one dot operand and the [BLOCK_M, Cout]
@@ -107,20 +107,26 @@ def fused_config(cin: int, hidden: int, cout: int, dtype: torch.dtype, M: int = 
     return 64, bci, 32, bco, (8 if bco >= 128 else 4), 1
 
 
-def inverted_residual_launch(x: torch.Tensor, w1, b1, wdw, bdw, w3, b3, y: torch.Tensor, stride: int,
-                             residual: bool) -> torch.Tensor:
-    """Launch into a preallocated ``y [B, OH, OW, Cout]``."""
+def inverted_residual_plan(x: torch.Tensor, hidden: int, y_shape: Tuple[int, int, int, int], stride: int,
+                           residual: bool) -> Launch:
+    """The launch for an x like this one (metadata only): ``plan(x, w1, b1, wdw, bdw, w3, b3, y)`` writes
+    a contiguous ``y [B, OH, OW, Cout]``."""
     B, H, W, cin = x.shape
-    hidden, cout = w1.shape[1], w3.shape[1]
-    OH, OW = y.shape[1], y.shape[2]
+    OH, OW, cout = y_shape[1], y_shape[2], y_shape[3]
     M = B * OH * OW
     bm, bci, bh, bco, warps, stages = fused_config(cin, hidden, cout, x.dtype, M)
     sxb, sxh, sxw = x.stride(0), x.stride(1), x.stride(2)
     vec = vec_width(x.dtype, cin, hidden, cout, sxb, sxh, sxw)
-    launch(
-        _inverted_residual_kernel, (triton.cdiv(M, bm),), x, w1, b1, wdw, bdw, w3, b3, y, H, W, OH, OW, M, cin, hidden, cout, sxb, sxh, sxw,
+    return Launch(
+        _inverted_residual_kernel, (triton.cdiv(M, bm),), (H, W, OH, OW, M, cin, hidden, cout, sxb, sxh, sxw),
         STRIDE=stride, RESIDUAL=residual, VEC=vec, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_CI=bci, BLOCK_H=bh, BLOCK_CO=bco, num_warps=warps, num_stages=stages)
+
+
+def inverted_residual_launch(x: torch.Tensor, w1, b1, wdw, bdw, w3, b3, y: torch.Tensor, stride: int,
+                             residual: bool) -> torch.Tensor:
+    """Launch (traceably) into a preallocated contiguous ``y [B, OH, OW, Cout]``."""
+    inverted_residual_plan(x, w1.shape[1], tuple(y.shape), stride, residual).traced(x, w1, b1, wdw, bdw, w3, b3, y)
     return y
 
 

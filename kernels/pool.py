@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, empty_output, interpreting, launch
+from ._common import TRITON_DTYPE, CompileConfig, Launch, empty_output, interpreting, poisoning
 
 __all__ = ["pool_linear", "compile_configs"]
 
@@ -66,16 +66,34 @@ def _blocks(B: int, HW: int, C: int, NC: int, dtype: torch.dtype):
     return _gpu_blocks(HW, dtype)
 
 
-def pool_linear(x: torch.Tensor, w: torch.Tensor, n_classes: int, bias) -> torch.Tensor:
-    """x [B, HW, C] (column stride 1), w [C, NC_pad] packed -> logits [B, n_classes] float32."""
+class PoolPlan:
+    """``pool_linear`` resolved for one signature: ``plan(x, w, bias)`` allocates the logits and launches."""
+
+    __slots__ = ("launch", "out_shape", "device", "poison")
+
+    def __init__(self, launch_, out_shape, device, poison):
+        self.launch, self.out_shape, self.device, self.poison = launch_, out_shape, device, poison
+
+    def __call__(self, x, w, bias, traced: bool = False) -> torch.Tensor:
+        out = empty_output(self.out_shape, torch.float32, self.device, self.poison)
+        (self.launch.traced if traced else self.launch)(x, w, out if bias is None else bias, out)
+        return out
+
+
+def pool_linear_plan(x: torch.Tensor, w: torch.Tensor, n_classes: int, has_bias: bool) -> PoolPlan:
+    """The launch for x [B, HW, C] (column stride 1) and w [C, NC_pad] like these (metadata only)."""
     B, HW, C = x.shape
-    out = empty_output((B, n_classes), torch.float32, x.device)
     BB, BHW, BK, BN, warps = _blocks(B, HW, C, n_classes, w.dtype)
     grid = (triton.cdiv(B, BB), triton.cdiv(n_classes, BN))
-    launch(pool_linear_kernel, grid, x, w, bias if bias is not None else out, out, B, HW, C, n_classes,
-           x.stride(0), x.stride(1), w.stride(0), HAS_BIAS=bias is not None, BB=BB, BHW=BHW, BK=BK, BN=BN,
-           PRECISION="ieee" if w.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=2)
-    return out
+    kernel_launch = Launch(pool_linear_kernel, grid, (B, HW, C, n_classes, x.stride(0), x.stride(1), w.stride(0)),
+                           HAS_BIAS=has_bias, BB=BB, BHW=BHW, BK=BK, BN=BN,
+                           PRECISION="ieee" if w.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=2)
+    return PoolPlan(kernel_launch, (B, n_classes), x.device, poisoning())
+
+
+def pool_linear(x: torch.Tensor, w: torch.Tensor, n_classes: int, bias) -> torch.Tensor:
+    """x [B, HW, C] (column stride 1), w [C, NC_pad] packed -> logits [B, n_classes] float32 (traceably)."""
+    return pool_linear_plan(x, w, n_classes, bias is not None)(x, w, bias, traced=True)
 
 
 def _signature(x_type: str, w_type: str) -> dict:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, empty_output, interpreting, launch
+from ._common import TRITON_DTYPE, CompileConfig, Launch, empty_output, interpreting, poisoning
 
 __all__ = ["context", "compile_configs"]
 
@@ -61,18 +61,36 @@ def _blocks(d: int, n_tok: int):
     return 64, 64
 
 
-def context(qkv: torch.Tensor, d: int, H: int, W: int, q_col: int = 0, k_col: int = 1,
-            blocks: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-    """qkv [B*H*W, C] (column stride 1) -> cv [B, 4, d] float32; arguments checked by the ops layer.
-    blocks: (BT, BD) to override the launch rule (tests)."""
-    M = qkv.shape[0]
-    B = M // (H * W)
-    cv = empty_output((B, 4, d), torch.float32, qkv.device)
+class ContextPlan:
+    """``context`` resolved for one signature: ``plan(qkv)`` allocates cv and launches."""
+
+    __slots__ = ("launch", "out_shape", "device", "poison")
+
+    def __init__(self, launch_, out_shape, device, poison):
+        self.launch, self.out_shape, self.device, self.poison = launch_, out_shape, device, poison
+
+    def __call__(self, qkv: torch.Tensor, traced: bool = False) -> torch.Tensor:
+        cv = empty_output(self.out_shape, torch.float32, self.device, self.poison)
+        (self.launch.traced if traced else self.launch)(qkv, cv)
+        return cv
+
+
+def context_plan(qkv: torch.Tensor, d: int, H: int, W: int, q_col: int = 0, k_col: int = 1,
+                 blocks: Optional[Tuple[int, int]] = None) -> ContextPlan:
+    """The launch for a qkv [B*H*W, C] (column stride 1) like this one (metadata only)."""
+    B = qkv.shape[0] // (H * W)
     BT, BD = blocks or _blocks(d, (H // 2) * (W // 2))
     grid = (B * 4, triton.cdiv(d, BD))
-    launch(context_kernel, grid, qkv, cv, qkv.stride(0), q_col, k_col, d, H, W, BT=BT, BD=BD, num_warps=4,
-           num_stages=3)
-    return cv
+    kernel_launch = Launch(context_kernel, grid, (qkv.stride(0), q_col, k_col, d, H, W), BT=BT, BD=BD,
+                           num_warps=4, num_stages=3)
+    return ContextPlan(kernel_launch, (B, 4, d), qkv.device, poisoning())
+
+
+def context(qkv: torch.Tensor, d: int, H: int, W: int, q_col: int = 0, k_col: int = 1,
+            blocks: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """qkv [B*H*W, C] (column stride 1) -> cv [B, 4, d] float32 (launched traceably); arguments checked
+    by the ops layer. blocks: (BT, BD) to override the launch rule (tests)."""
+    return context_plan(qkv, d, H, W, q_col, k_col, blocks)(qkv, traced=True)
 
 
 def compile_configs() -> List[CompileConfig]:

@@ -13,10 +13,20 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the engine sets it 
 # element a kernel fails to write fails its test, in a kernel test or deep inside a whole model.
 os.environ["FASTMVIT_POISON_OUTPUTS"] = "1"
 
+# backend="auto" on CPU tensors runs the CPU engine (an ONNX export per model and size) when a runtime is
+# installed. The suite's parity tests compare the plain PyTorch path exactly with each reference, so "auto"
+# runs it here; tests/test_cpu_engine.py tests the CPU engine, and "auto" choosing it, on its own.
+os.environ.setdefault("FASTMVIT_CPU_ENGINE", "torch")
+
 # Tests must never reach the network (pretrained downloads are tested up to huggingface_hub's API).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch.manual_seed(0)
+
+# Every replayed launch plan is checked against its recording (same ops, same tensor layouts).
+from fastmvit.engine.engine import Engine  # noqa: E402  (no kernels imported: they load with the first engine)
+
+Engine.check_replays = True
 
 
 # ---- Running the suite in parallel (pytest-xdist) --------------------------------------------------
@@ -63,7 +73,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 # Tests that share an expensive module-scoped fixture (a real server) run in one worker, so it starts
 # once (pytest's --dist loadgroup); every other test is handed to whichever worker is free.
-SHARED_SERVER_MODULES = ("test_litserve_server.py", "test_triton_server.py")
+SHARED_SERVER_MODULES = ("test_litserve_server.py", "test_triton_server.py", "test_litserve_faults.py",
+                         "test_triton_faults.py")
 # The modules whose tests take longest (whole models under the interpreter, compiling the CUDA binding):
 # handed out first, so that the short tests fill in around them instead of one worker finishing alone.
 LONG_MODULES = ("test_engine.py", "test_csrc.py")
@@ -75,6 +86,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike, a module's tests stay together
         items.sort(key=lambda item: item.path.name not in LONG_MODULES)
+
+
+# timm imports torchvision, which has no build that loads with the CPU torch: make its pure-Python parts
+# importable (tests/torchvision_standin.py; a no-op where a real torchvision loads).
+from .torchvision_standin import install as _install_torchvision  # noqa: E402
+
+TORCHVISION = _install_torchvision()
+
+
+def pytest_report_header(config):
+    return f"timm tests: {TORCHVISION}"
 
 
 @pytest.fixture(autouse=True)

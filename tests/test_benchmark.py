@@ -250,16 +250,45 @@ def test_fastmvit_engines_pass_backend_and_cuda_graphs(monkeypatch):
 
 
 def test_eager_engines_compute_the_same_logits():
+    """Every eager engine the CPU table lists against an independent one: Hugging Face's model in float64
+    (fastmvit, torch-eager and torch-channels-last are all fastmvit's torch path on a CPU; timm too where
+    it imports). Bound: FACTOR x HF's own float32 error plus a few ulps; every engine got the same input.
+    Autocast (bfloat16) within FACTOR x the bfloat16-cast torch path's error: measured, not a fraction of
+    the largest logit."""
     pytest.importorskip("transformers")
-    outs = {n: E.ENGINES[n].build("xxs", 2, "float32", CPU, 32).fn() for n in
-            ("torch-eager", "hf-eager", "torch-channels-last", "fastmvit")}
+    from tests.utils import FACTOR, REL_FLOOR, max_err
+
+    names = ["torch-eager", "torch-channels-last", "fastmvit", "hf-eager"]
+    names += [] if E._import_problem("timm") else ["timm-eager"]
+    built = {n: E.ENGINES[n].build("xs", 2, "float32", CPU, 64) for n in names}
+    hf = built["hf-eager"]
+    x = hf.x
+    hf64 = E._HFLogits(E.hf_model("xs")).double()
+    with torch.inference_mode():
+        ref64 = hf64(x.double())
+    bound = FACTOR * max_err(hf.fn(), ref64) + REL_FLOOR[torch.float32] * ref64.abs().max().item()
+    for name, prepared in built.items():
+        assert torch.equal(prepared.x.contiguous(), x), f"{name} got another input"
+        assert max_err(prepared.fn(), ref64) <= bound, (name, max_err(prepared.fn(), ref64), bound)
+    amp = E.ENGINES["torch-autocast"].build("xs", 2, "bfloat16", CPU, 64)
+    assert amp.x.dtype == torch.float32 and torch.equal(amp.x, x)
+    bf16 = E.ENGINES["torch-eager"].build("xs", 2, "bfloat16", CPU, 64)
+    amp_bound = FACTOR * max_err(bf16.fn(), ref64) + REL_FLOOR[torch.bfloat16] * ref64.abs().max().item()
+    amp_err = max_err(amp.fn(), ref64)
+    assert bound < amp_err <= amp_bound, (amp_err, bound, amp_bound)  # autocast applied, and within bfloat16 error
+
+
+def test_segmentation_engines_compute_the_same_logits():
+    """deeplabv3-<variant> runs in the benchmark: fastmvit and HF on the same reference weights agree."""
+    pytest.importorskip("transformers")
+    outs = {n: E.ENGINES[n].build("deeplabv3-xxs", 1, "float32", CPU, 64).fn() for n in
+            ("torch-eager", "hf-eager", "fastmvit")}
     ref = outs.pop("torch-eager")
-    assert ref.shape == (2, 1000) and ref.abs().max() > 0.1
+    assert ref.shape == (1, 21, 4, 4) and ref.abs().max() > 0.1
     for name, out in outs.items():
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=name)
-    amp = E.ENGINES["torch-autocast"].build("xxs", 2, "bfloat16", CPU, 32)
-    assert amp.x.dtype == torch.float32
-    assert (amp.fn().float() - ref).abs().max() < 0.25 * ref.abs().max()
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0, msg=name)
+    with pytest.raises(E.Unavailable, match="timm has no MobileViT segmentation"):
+        E._timm_model("deeplabv3-xxs")
 
 
 def test_compiled_engine_resets_dynamo_and_maps_modes(monkeypatch):

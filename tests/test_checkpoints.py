@@ -140,7 +140,7 @@ def test_shape_mismatch_is_named(xxs):
         fastmvit.load("xxs", weights=sd)
 
 
-def test_unknown_layout(tmp_path):
+def test_unknown_layout():
     with pytest.raises(CheckpointError, match="not a MobileViT checkpoint in any known layout"):
         fastmvit.load("s", weights={"fc.weight": torch.zeros(2, 2)})
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import fastmvit
 
-from .utils import randomize_
+from .utils import image_sensitive_
 
 
 def _run(*args, env=None):
@@ -22,11 +22,19 @@ def _run(*args, env=None):
 @pytest.fixture(scope="module")
 def checkpoint_and_images(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model = randomize_(fastmvit.load("xxs", pretrained=False), seed=31)
+    model = image_sensitive_(fastmvit.load("xxs", pretrained=False), size=256, seed=31)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "xxs.safetensors"))
     for i, colour in enumerate(["red", "navy"]):
         Image.new("RGB", (300, 200), colour).save(root / f"img{i}.jpg")
     return root
+
+
+def _expected_top5(root, names):
+    """The same weights and files through the Python API: what the command must print."""
+    model = fastmvit.load("xxs", weights=root / "xxs.safetensors", num_classes=None)
+    batch = fastmvit.preprocess([root / n for n in names], model.pretrained_cfg["preprocess"])
+    with torch.inference_mode():
+        return fastmvit.topk(model(batch), k=5)
 
 
 def test_predict_prints_top5_for_each_image(checkpoint_and_images):
@@ -40,14 +48,22 @@ def test_predict_prints_top5_for_each_image(checkpoint_and_images):
     assert len(rows) == 10
     scores = [float(line.split("%")[0]) for line in rows[:5]]
     assert scores == sorted(scores, reverse=True) and all(0 < s <= 100 for s in scores)
+    # the predictions themselves, image by image (the weights give the two colours different classes)
+    expected = _expected_top5(root, ["img0.jpg", "img1.jpg"])
+    assert expected[0][0]["index"] != expected[1][0]["index"]
+    for i, top in enumerate(expected):
+        printed = [(float(r.split("%")[0]), int(r.rsplit("(", 1)[1].rstrip(")"))) for r in rows[5 * i:5 * i + 5]]
+        assert [idx for _, idx in printed] == [t["index"] for t in top], f"image {i}"
+        assert all(abs(score - 100 * t["score"]) <= 0.006 for (score, _), t in zip(printed, top)), f"image {i}"
 
 
 def test_predict_without_weights_offline_explains(checkpoint_and_images, tmp_path):
     r = _run("predict", str(checkpoint_and_images / "img0.jpg"), "--model", "s",
              env={"FASTMVIT_CACHE": str(tmp_path), "HF_HUB_CACHE": str(tmp_path)})
     assert r.returncode == 2
+    # the command line's remedies (--weights, --random), not the Python API's (pretrained=False)
     assert "error: pretrained weights for 's'" in r.stderr and "--random" in r.stderr and "--weights" in r.stderr
-    assert "pretrained=False" not in r.stderr  # the Python API's remedy, not this command's
+    assert "pretrained=False" not in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -55,7 +71,9 @@ def test_predict_bad_image(checkpoint_and_images, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
     r = _run("predict", str(bad), "--model", "xxs", "--random", "--device", "cpu")
-    assert r.returncode == 2 and "is not an image" in r.stderr and "Traceback" not in r.stderr
+    # reported and skipped, not the end of the run: exit status 1 says some file was skipped
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "skipped: " in r.stdout and "is not an image" in r.stdout and str(bad) in r.stderr
 
 
 def test_info_reports_versions_and_devices():
@@ -108,8 +126,8 @@ def test_every_command_reports_a_bad_name_or_option_the_same_way(checkpoint_and_
         "serve triton --model": (["serve", "triton", str(tmp_path / "repo"), "--model", "xl"], bad_name),
         "predict --device": (["predict", image, "--model", "xxs", "--random", "--device", "gpu"],
                              "error: unknown device 'gpu'; use cpu, cuda or cuda:N"),
-        "predict a directory": (["predict", str(root), "--model", "xxs", "--random", "--device", "cpu"],
-                                f"error: {root} is a directory, not an image file"),
+        "predict a missing source": (["predict", str(root / "nope"), "--model", "xxs", "--random", "--device", "cpu"],
+                                     f"error: {str(root / 'nope')!r} is not a file, a folder or a glob pattern"),
         "predict --weights missing": (["predict", image, "--model", "xxs", "--weights", str(tmp_path / "no.pt")],
                                       "error: no such checkpoint file"),
         "predict --weights of another variant": (["predict", image, "--model", "s", "--weights", weights],

@@ -6,7 +6,10 @@ reference; bindings.cpp passes a syntax-only compile against torch's headers. Wi
 fastmvit._C: the real op against the reference. Each part skips when its tool is missing.
 """
 import ctypes
+import inspect
 import os
+import re
+import runpy
 import subprocess
 import sys
 import sysconfig
@@ -45,10 +48,20 @@ def test_nvcc_sm90_no_spills():
             assert k.ldg128 > 0 and k.stg128 > 0, k
 
 
+def torch_cxx_standard() -> str:
+    """The C++ standard torch's BuildExtension gives a build of this torch (it adds it when setup.py
+    gives none): the -std flag its source names most."""
+    import torch.utils.cpp_extension as cpp
+
+    found = re.findall(r"-std=(c\+\+\d+)", inspect.getsource(cpp))
+    return max(set(found), key=found.count) if found else "c++17"
+
+
 @needs_nvcc
 @needs_sources
 def test_binding_compiles(tmp_path):
-    """bindings.cpp against this torch's headers, syntax only (linking needs a CUDA build of torch).
+    """bindings.cpp against this torch's headers, in the C++ standard a build with this torch uses, syntax
+    only (linking needs a CUDA build of torch).
     A CPU wheel lacks one generated header of the CUDA build, written here as the build generates it."""
     from torch.utils.cpp_extension import include_paths
 
@@ -58,12 +71,48 @@ def test_binding_compiles(tmp_path):
     if not any(os.path.isfile(os.path.join(p, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for p in include_paths()):
         with open(os.path.join(stub, "cuda_cmake_macros.h"), "w") as f:
             f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    cmd = [NVCC, "-x", "c++", "-std=c++17", "-c", "-o", os.devnull, "-Xcompiler", "-fsyntax-only",
+    cmd = [NVCC, "-x", "c++", f"-std={torch_cxx_standard()}", "-c", "-o", os.devnull, "-Xcompiler", "-fsyntax-only",
            "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
            *[f"-I{p}" for p in include_paths()], f"-I{tmp}", f"-I{sysconfig.get_paths()['include']}",
            os.path.join(cuda_ext.CSRC, "bindings.cpp")]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+@pytest.fixture
+def setup_py(monkeypatch, tmp_path):
+    """setup.py's cuda_extension() under a pretend CUDA build of torch with its toolkit at tmp_path."""
+    import torch.utils.cpp_extension as cpp
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    if not os.path.isfile(root):
+        pytest.skip("no setup.py (not a source checkout)")
+    monkeypatch.chdir(os.path.dirname(root))
+    monkeypatch.delenv("FASTMVIT_NO_EXTENSION", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp, "CUDA_HOME", str(tmp_path))
+    return runpy.run_path(root, run_name="setup_under_test")["cuda_extension"]
+
+
+def test_setup_skips_a_toolkit_without_headers_and_says_why(setup_py, capsys):
+    assert setup_py() == ([], {})
+    assert "no include/cuda_runtime.h" in capsys.readouterr().err
+
+
+@needs_sources
+def test_setup_lets_torch_choose_the_cxx_standard_and_uses_ninja(setup_py, tmp_path, capsys, monkeypatch):
+    import torch.utils.cpp_extension as cpp
+    from setuptools.dist import Distribution
+
+    os.makedirs(tmp_path / "include")
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    for ninja in (True, False):
+        monkeypatch.setattr(cpp, "is_ninja_available", lambda: ninja)
+        (ext,), cmdclass = setup_py()
+        flags = ext.extra_compile_args["cxx"] + ext.extra_compile_args["nvcc"]
+        assert not [f for f in flags if f.startswith("-std")], flags   # BuildExtension adds torch's own
+        assert cmdclass["build_ext"](Distribution()).use_ninja is ninja
+        assert ("with ninja" if ninja else "without ninja") in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +198,11 @@ def test_missing_extension_raises_clearly():
 
 
 def test_import_does_not_initialise_cuda():
-    code = "import fastmvit.ops.cuda_ext, torch; assert not torch.cuda.is_initialized()"
+    # is_initialized() alone is always False on a CPU build: record attempts (tests/test_model.py does too)
+    code = ("import torch; tried, lazy_init = [], torch.cuda._lazy_init\n"
+            "torch.cuda._lazy_init = lambda: tried.append(1) or lazy_init()\n"
+            "import fastmvit.ops.cuda_ext\n"
+            "assert not tried and not torch.cuda.is_initialized(), 'CUDA initialised'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

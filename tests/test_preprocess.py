@@ -45,7 +45,8 @@ def _hf_processor(cfg: PreprocessConfig):
     PreprocessConfig(256, 288, "bilinear", "BGR", "floor"),   # Apple's hub preprocessor_config.json
     PreprocessConfig(256, 288, "bicubic", "RGB", "floor"),
     PreprocessConfig(224, 256, "bilinear", "BGR", "floor"),
-], ids=["hub-v1", "rgb-bicubic", "224"])
+    PreprocessConfig(512, 544, "bilinear", "BGR", "floor"),   # Apple's DeepLabV3 hub preprocessor_config.json
+], ids=["hub-v1", "rgb-bicubic", "224", "hub-deeplabv3"])
 def test_matches_hugging_face_processor(image_files, cfg):
     processor = _hf_processor(cfg)
     for path in image_files:

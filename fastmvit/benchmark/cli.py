@@ -6,6 +6,7 @@
     python -m fastmvit bench roofline --models s,v2-1.0 --batches 1,256 --dtypes float16
     python -m fastmvit bench kernels              # fused kernels against the eager ops (CUDA)
     python -m fastmvit bench engines              # every engine and whether it can run here
+    python -m fastmvit bench host                 # host (Python) cost per forward, launches stubbed
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def _positive_ints(s: str, what: str) -> List[int]:
 
 
 def _add_matrix(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", help="variants, comma-separated (default: cpu xxs,s; cuda s)")
+    p.add_argument("--models", help="variants, comma-separated (default: cpu xxs,s; cuda s); segmentation "
+                                    "models as deeplabv3-<variant> (with --size 512)")
     p.add_argument("--batches", help="batch sizes (default: cpu 1,8; cuda 1,8,64,256)")
     p.add_argument("--dtypes", help="float32, float16, bfloat16 (default: cpu float32; cuda float16)")
     p.add_argument("--size", type=int, default=256, help="image side (default 256)")
@@ -134,7 +136,17 @@ def run_matrix(models, batches, dtypes, engines: List[E.Engine], device: torch.d
     return results
 
 
+def _model_name(name: str) -> str:
+    """A variant's short name, or "deeplabv3-<variant>" for a segmentation model."""
+    from ..segmentation import PREFIX, is_segmentation_name, segmentation_variant
+
+    return PREFIX + segmentation_variant(name).name if is_segmentation_name(name) else get_variant(name).name
+
+
 def _roofline(models, batches, dtypes, peak, size) -> List[dict]:
+    from ..segmentation import is_segmentation_name
+
+    models = [m for m in models if not is_segmentation_name(m)]  # the traffic model knows classifiers only
     if size % 64:
         print(f"note: no roofline at {size}x{size} (the traffic model takes multiples of 64)", file=sys.stderr)
         return []
@@ -143,7 +155,7 @@ def _roofline(models, batches, dtypes, peak, size) -> List[dict]:
 
 def _matrix(args, device):
     d = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
-    models = [get_variant(m).name for m in _csv(args.models or d["models"])]
+    models = [_model_name(m) for m in _csv(args.models or d["models"])]
     batches = _positive_ints(args.batches or d["batches"], "--batches")
     dtypes = _csv(args.dtypes or d["dtypes"])
     bad = [x for x in dtypes if x not in E.DTYPES]
@@ -168,7 +180,7 @@ def _cmd_run(argv: List[str]) -> int:
                     seconds=args.seconds or d["seconds"])
     meta = environment(device)
     meta["size"] = args.size
-    meta["runs"] = {e.name: e.runs_on(device)[1] for e in engines}
+    meta["runs"] = {e.name: e.runs_on(device, dtypes[0])[1] for e in engines}  # (a row's first dtype)
     meta["computes_reference"] = [e.name for e in engines if e.computes_reference(device)]
     early = busy_reasons(meta)
     if early:
@@ -291,7 +303,13 @@ def _cmd_engines(argv: List[str]) -> int:
     return 0
 
 
-COMMANDS = {"report": _cmd_report, "roofline": _cmd_roofline, "kernels": _cmd_kernels, "engines": _cmd_engines,
+def _cmd_host(argv: List[str]) -> int:
+    from .host import main as host_main
+
+    return host_main(argv)
+
+
+COMMANDS = {"host": _cmd_host, "report": _cmd_report, "roofline": _cmd_roofline, "kernels": _cmd_kernels, "engines": _cmd_engines,
             "run": _cmd_run}
 
 

@@ -3,13 +3,25 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .graphs import DEFAULT_MAX_BATCH
+from .graphs import DEFAULT_MEMORY_FRACTION
 
 
 def extension_status() -> str:
     from ..ops import cuda_ext
 
     return cuda_ext.extension_status()
+
+
+def cpu_engine_status() -> str:
+    """What backend="auto" runs on float32 CPU tensors, and why."""
+    import torch
+
+    from ..cpu import AUTO_ORDER, RUNTIMES, auto_runtime, problem
+
+    runtime = auto_runtime(torch.float32)
+    found = ", ".join(f"{r} {RUNTIMES[r].version()}" for r in AUTO_ORDER if not problem(r)) or "none installed"
+    runs = f"the CPU engine on {runtime}" if runtime else "the plain PyTorch modules"
+    return f"{runs} (CPU runtimes: {found}; backend='triton' forces the kernels, interpreted)"
 
 
 def op_backends() -> Dict[str, str]:
@@ -30,6 +42,7 @@ def op_backends() -> Dict[str, str]:
         "global pool + classifier": "pooling in the epilogue of the last 1x1 conv (fastmvit::linear_pool), "
                                     "then fastmvit::pool_linear on the pooled features",
         "odd-size resize (rare)": "torch F.interpolate",
-        "CUDA graphs": f"batches up to {DEFAULT_MAX_BATCH} (load(..., cuda_graphs=False) turns them off)",
-        "CPU tensors": "plain PyTorch modules (backend='triton' forces the kernels, interpreted)",
+        "CUDA graphs": f"every batch size while the graphs' memory pool fits in {DEFAULT_MEMORY_FRACTION:.0%} of the "
+                       "device's memory (load(..., cuda_graphs=False) turns them off)",
+        "CPU tensors": cpu_engine_status(),
     }

@@ -2,8 +2,10 @@
 
 Every BatchNorm is folded into the convolution before it, every LayerNorm/GroupNorm affine into the GEMM
 after it, and activations stay NHWC from the stem (which reads the NCHW input directly) to the pooled
-classifier. Each step calls registered ops (``fastmvit.ops``) that launch the Triton kernels (or the CUDA
-extension). The module tree stays the source of truth: nothing here reads a checkpoint.
+classifier. Each step calls the ops of ``fastmvit.ops`` (Triton kernels, or the CUDA extension) through the
+``run`` it is given: the registered ops themselves, or the launch plans that ``fastmvit.engine.replay``
+resolves once per input signature. The module tree stays the source of truth: nothing here reads a
+checkpoint.
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ from ..model.layers import ConvNormAct
 from ..ops import attention, conv, cuda_ext, dwconv, gemm, mv2_block, pool, sepattn
 from .fold import fold_bn
 
-Step = Callable[[torch.Tensor], torch.Tensor]
+# How a step calls an op: ``run(op, *args, **kwargs)``. The engine passes either ``direct`` (the registered
+# ops: what torch.compile traces) or a launch plan's recorder / replay (``fastmvit.engine.replay``).
+Run = Callable[..., object]
+Step = Callable[[torch.Tensor, Run], torch.Tensor]
 
 
 def _folded(m: ConvNormAct):
@@ -55,8 +60,8 @@ class Stem:
     def __init__(self, m: ConvNormAct, dtype):
         self.w, self.b = conv.pack_conv3x3(*_folded(m), dtype)
 
-    def __call__(self, x):  # x: the model's NCHW input
-        return conv.conv3x3(x, self.w, self.b, stride=2, act=True, input_nchw=True)
+    def __call__(self, x, run: Run):  # x: the model's NCHW input
+        return run(conv.conv3x3, x, self.w, self.b, stride=2, act=True, input_nchw=True)
 
 
 class InvertedResidualStep:
@@ -79,15 +84,15 @@ class InvertedResidualStep:
         return mv2_block.should_fuse(p.cin, p.hidden, p.cout, self.stride, height=x.shape[1], width=x.shape[2],
                                      batch=x.shape[0])
 
-    def __call__(self, x):
+    def __call__(self, x, run: Run):
         if self.use_fused(x):
-            return mv2_block.inverted_residual(x, self.fused, fused=True)
+            return run(mv2_block.inverted_residual, x, self.fused, fused=True)
         B, H, W, C = x.shape
         rows = x.reshape(-1, C)
-        h = gemm.linear(rows, self.expand, act="silu").reshape(B, H, W, -1)
-        h = self.depthwise(h, self.dw_w, self.dw_b, stride=self.stride, act=True)
+        h = run(gemm.linear, rows, self.expand, act="silu").reshape(B, H, W, -1)
+        h = run(self.depthwise, h, self.dw_w, self.dw_b, stride=self.stride, act=True)
         _, OH, OW, hidden = h.shape
-        y = gemm.linear(h.reshape(-1, hidden), self.project, residual=rows if self.residual else None)
+        y = run(gemm.linear, h.reshape(-1, hidden), self.project, residual=rows if self.residual else None)
         return y.reshape(B, OH, OW, -1)
 
 
@@ -109,10 +114,10 @@ class MobileViTStep:
         self.norm = m.norm
         self.fusion_w, self.fusion_b = conv.pack_conv3x3(*_folded(m.conv_fusion), dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, run: Run):
         B, H, W, C = x.shape
-        y = conv.conv3x3(x, self.local_w, self.local_b, stride=1, act=True)
-        t = gemm.linear(y.reshape(-1, C), self.to_tokens).reshape(B, H, W, -1)
+        y = run(conv.conv3x3, x, self.local_w, self.local_b, stride=1, act=True)
+        t = run(gemm.linear, y.reshape(-1, C), self.to_tokens).reshape(B, H, W, -1)
         Hp, Wp = math.ceil(H / 2) * 2, math.ceil(W / 2) * 2
         resized = (Hp, Wp) != (H, W)
         if resized:
@@ -120,18 +125,18 @@ class MobileViTStep:
         d = t.shape[-1]
         t = t.reshape(-1, d)
         for qkv_w, proj_w, fc1_w, fc2_w in self.layers:
-            qkv = gemm.linear(t, qkv_w, norm="layer").reshape(B, Hp, Wp, 3 * d)
-            a = attention.patch_attention(qkv, self.heads).reshape(-1, d)
-            t = gemm.linear(a, proj_w, residual=t)
-            h = gemm.linear(t, fc1_w, norm="layer", act="silu")
-            t = gemm.linear(h, fc2_w, residual=t)
+            qkv = run(gemm.linear, t, qkv_w, norm="layer").reshape(B, Hp, Wp, 3 * d)
+            a = run(attention.patch_attention, qkv, self.heads).reshape(-1, d)
+            t = run(gemm.linear, a, proj_w, residual=t)
+            h = run(gemm.linear, t, fc1_w, norm="layer", act="silu")
+            t = run(gemm.linear, h, fc2_w, residual=t)
         if resized:
             t = F.layer_norm(t, (d,), self.norm.weight.to(t.dtype), self.norm.bias.to(t.dtype), self.norm.eps)
             t = _interpolate_nhwc(t.reshape(B, Hp, Wp, d), (H, W), align_corners=False).reshape(-1, d)
-            p = gemm.linear(t, self.proj, act="silu")
+            p = run(gemm.linear, t, self.proj, act="silu")
         else:
-            p = gemm.linear(t, self.proj_with_norm, norm="layer", act="silu")
-        return conv.conv3x3(x, self.fusion_w, self.fusion_b, stride=1, act=True, x2=p.reshape(B, H, W, C))
+            p = run(gemm.linear, t, self.proj_with_norm, norm="layer", act="silu")
+        return run(conv.conv3x3, x, self.fusion_w, self.fusion_b, stride=1, act=True, x2=p.reshape(B, H, W, C))
 
 
 class MobileViTv2Step:
@@ -157,34 +162,34 @@ class MobileViTv2Step:
         # The last block hands the head pooled features: its map never reaches memory.
         self.pool_output = pool_output
 
-    def __call__(self, x):
+    def __call__(self, x, run: Run):
         B, H, W, C = x.shape
         odd = H % 2 or W % 2
         if odd and not self.hf_odd:  # ml-cvnets/timm: enlarge the block input and keep the enlarged size
             x = _interpolate_nhwc(x, (math.ceil(H / 2) * 2, math.ceil(W / 2) * 2), align_corners=True)
             B, H, W, C = x.shape
             odd = False
-        y = self.depthwise(x, self.dw_w, self.dw_b, stride=1, act=True)
+        y = run(self.depthwise, x, self.dw_w, self.dw_b, stride=1, act=True)
         if odd:  # Hugging Face: the transformer sees the even part; fold leaves zeros in the rest
             y = y[:, : H // 2 * 2, : W // 2 * 2].contiguous()
         Ht, Wt = y.shape[1:3]
         d, hw = self.d, Ht * Wt
-        t, stats = gemm.linear(y.reshape(-1, C), self.to_tokens, emit_group_stats=True, rows_per_sample=hw)
+        t, stats = run(gemm.linear, y.reshape(-1, C), self.to_tokens, emit_group_stats=True, rows_per_sample=hw)
         for qkv_w, out_w, fc1_w, fc2_w in self.layers:
-            qkv = gemm.linear(t, qkv_w, norm="group", group_stats=stats, rows_per_sample=hw)
-            cv = sepattn.sepattn_context(qkv, d, Ht, Wt, **sepattn.qkv_columns(d))
-            t, stats = gemm.linear(qkv[:, d:2 * d], out_w, relu_scale=cv, hw=(Ht, Wt), residual=t,
+            qkv = run(gemm.linear, t, qkv_w, norm="group", group_stats=stats, rows_per_sample=hw)
+            cv = run(sepattn.sepattn_context, qkv, d, Ht, Wt, **sepattn.qkv_columns(d))
+            t, stats = run(gemm.linear, qkv[:, d:2 * d], out_w, relu_scale=cv, hw=(Ht, Wt), residual=t,
                                    emit_group_stats=True, rows_per_sample=hw)
-            h = gemm.linear(t, fc1_w, norm="group", group_stats=stats, rows_per_sample=hw, act="silu")
-            t, stats = gemm.linear(h, fc2_w, residual=t, emit_group_stats=True, rows_per_sample=hw)
+            h = run(gemm.linear, t, fc1_w, norm="group", group_stats=stats, rows_per_sample=hw, act="silu")
+            t, stats = run(gemm.linear, h, fc2_w, residual=t, emit_group_stats=True, rows_per_sample=hw)
         if not odd:
-            out = gemm.linear(t, self.proj_with_norm, norm="group", group_stats=stats, rows_per_sample=hw,
+            out = run(gemm.linear, t, self.proj_with_norm, norm="group", group_stats=stats, rows_per_sample=hw,
                               pool=self.pool_output)
         else:
             t = F.group_norm(t.reshape(B, Ht, Wt, d).permute(0, 3, 1, 2), 1, self.norm.weight.to(t.dtype),
                              self.norm.bias.to(t.dtype), self.norm.eps)
             t = F.pad(t, (0, W - Wt, 0, H - Ht)).permute(0, 2, 3, 1).contiguous()
-            out = gemm.linear(t.reshape(-1, d), self.proj, rows_per_sample=H * W, pool=self.pool_output)
+            out = run(gemm.linear, t.reshape(-1, d), self.proj, rows_per_sample=H * W, pool=self.pool_output)
         return out if self.pool_output else out.reshape(B, H, W, C)  # pooled: [B, C] float32
 
 
@@ -201,11 +206,11 @@ class Head:
         self.fc = gemm.pack_linear(fc.weight, fc.bias, dtype=dtype, device=device) \
             if isinstance(fc, torch.nn.Linear) else None
 
-    def __call__(self, x):
+    def __call__(self, x, run: Run):
         if self.final is not None:
             B, H, W, C = x.shape
-            x = gemm.linear(x.reshape(-1, C), self.final, act="silu", pool=True, rows_per_sample=H * W)
-        return pool.classifier(x, self.fc) if self.fc is not None else x  # x: [B, C] float32 pooled
+            x = run(gemm.linear, x.reshape(-1, C), self.final, act="silu", pool=True, rows_per_sample=H * W)
+        return run(pool.classifier, x, self.fc) if self.fc is not None else x  # x: [B, C] float32 pooled
 
 
 def build_steps(model, device: torch.device, dtype: torch.dtype) -> List[Step]:

@@ -24,6 +24,8 @@ class Numerics:
     v2_odd_size: "resize" enlarge an odd-sized v2 block input to even with align_corners=True and keep it
                  (ml-cvnets, timm); "hf" unfold drops the last row/column and fold writes zeros there
                  (Hugging Face MobileViTV2)
+    v2_local_dilation: segmentation backbones (output stride 8/16) only: the v2 block's depthwise 3x3 is
+                 dilated like its stage ("stage": ml-cvnets, timm) or never ("none": Hugging Face)
     The differences are ~1e-7 (attention, activation) except v2_odd_size, which changes v2 logits at
     input sizes whose stage maps are odd (224 for example).
     """
@@ -31,11 +33,13 @@ class Numerics:
     attention: str = "prescale"
     activation: str = "silu"
     v2_odd_size: str = "resize"
+    v2_local_dilation: str = "stage"
 
     def __post_init__(self):
         for field, allowed in (("attention", ("prescale", "postscale", "sdpa")),
                                ("activation", ("silu", "x_sigmoid_x")),
-                               ("v2_odd_size", ("resize", "hf"))):
+                               ("v2_odd_size", ("resize", "hf")),
+                               ("v2_local_dilation", ("stage", "none"))):
             if getattr(self, field) not in allowed:
                 raise OptionError(f"Numerics.{field} must be one of {allowed}, got {getattr(self, field)!r}")
 
@@ -43,7 +47,7 @@ class Numerics:
 NUMERICS_PRESETS = {
     "cvnets": Numerics(),
     "timm": Numerics(),  # bit-exact with timm when TIMM_FUSED_ATTN=0, ~1e-7 from its fused default
-    "hf": Numerics(attention="postscale", v2_odd_size="hf"),
+    "hf": Numerics(attention="postscale", v2_odd_size="hf", v2_local_dilation="none"),
     "mmpretrain": Numerics(attention="sdpa", activation="x_sigmoid_x"),
 }
 
@@ -76,10 +80,10 @@ class ConvNormAct(nn.Module):
     """Conv2d (no bias) -> BatchNorm2d -> optional SiLU; padding keeps 'same' size at stride 1."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
-                 act: bool = True):
+                 act: bool = True, dilation: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=(kernel_size - 1) // 2,
-                              groups=groups, bias=False)
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=(kernel_size - 1) // 2 * dilation,
+                              dilation=dilation, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_ch, eps=1e-5)
         self.act = Activation() if act else nn.Identity()
 

@@ -6,7 +6,7 @@ from typing import List
 import torch
 from torch import nn
 
-from ..engine import BACKENDS, DEFAULT_MAX_BATCH, EngineCache, uses_engine
+from ..engine import DEFAULT_MAX_BATCH, FUSED, TORCH, EngineCache, check_backend, choose_engine
 from ..errors import InputError, OptionError
 from ..variants import Variant, get_variant
 from .blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
@@ -23,11 +23,12 @@ class MobileViT(nn.Module):
     """MobileViT v1 or v2 classifier; ``forward`` takes float NCHW images and returns ``[B, num_classes]``
     logits (or pooled features when ``num_classes == 0``).
 
-    ``backend`` chooses how ``forward`` runs: "auto" (the fused engine on CUDA tensors, the plain PyTorch
-    modules on CPU tensors), "triton" (the engine everywhere; on the CPU under the Triton interpreter,
-    for tests) or "torch" (the reference modules everywhere). ``forward_features`` and ``forward_stages``
-    always run the reference modules. ``cuda_graphs`` replays captured CUDA graphs for batches up to
-    ``cuda_graph_max_batch`` on the engine path.
+    ``backend`` chooses how ``forward`` runs (``fastmvit.engine.dispatch``): "auto" (the fused engine on
+    CUDA tensors, the CPU engine on CPU tensors when a CPU runtime is installed), "triton" (the fused engine
+    everywhere; on the CPU under the Triton interpreter, for tests), "onnxruntime" or "openvino" (the CPU
+    engine on that runtime) or "torch" (the reference modules everywhere). ``forward_features`` and
+    ``forward_stages`` always run the reference modules. ``cuda_graphs`` replays captured CUDA graphs on
+    the engine path (every batch size whose graph fits the memory budget, or up to ``cuda_graph_max_batch``).
     """
 
     def __init__(self, variant: Variant | str, num_classes: int = 1000):
@@ -68,23 +69,43 @@ class MobileViT(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise OptionError(f"backend must be one of {BACKENDS}, got {value!r}")
+        check_backend(value)
         self._backend = value
 
     @property
+    def cuda_graph_max_batch(self):
+        """Largest batch replayed through a CUDA graph: None (the default) lets memory decide (see
+        ``fastmvit.engine.graphs``), 0 turns graphs off."""
+        return self._cuda_graph_max_batch
+
+    @cuda_graph_max_batch.setter
+    def cuda_graph_max_batch(self, value) -> None:
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"cuda_graph_max_batch must be None (memory decides) or an int >= 0, got {value!r}")
+        self._cuda_graph_max_batch = value
+        if hasattr(self, "_engines"):
+            self._engines.clear()  # the graph runners were built with the old limit
+
+    @property
     def cuda_graphs(self) -> bool:
-        return self.cuda_graph_max_batch > 0
+        return self.cuda_graph_max_batch != 0
 
     @cuda_graphs.setter
     def cuda_graphs(self, enabled: bool) -> None:
         self.cuda_graph_max_batch = DEFAULT_MAX_BATCH if enabled else 0
-        self._engines.clear()
 
     def invalidate_engine(self) -> None:
-        """Drop packed weights and captured graphs; needed only after editing parameters in place (moving,
-        casting and load_state_dict do it themselves)."""
+        """Drop packed weights and captured graphs. Needed only after editing parameters, buffers or
+        submodules in place, or changing FASTMVIT_DWCONV: moving, casting, load_state_dict, train()/eval(),
+        set_numerics and the graph settings do it themselves."""
         self._engines.clear()
+
+    def train(self, mode: bool = True):
+        # Training (with backend="torch") updates BatchNorm statistics in place: the folded weights go stale.
+        # (eval() on a model already in eval mode keeps its engine.)
+        if hasattr(self, "_engines") and (self.training or mode):
+            self._engines.clear()
+        return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
         if hasattr(self, "_engines"):
@@ -97,10 +118,12 @@ class MobileViT(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     def set_numerics(self, numerics: Numerics) -> "MobileViT":
-        """Compute like a given source implementation (see ``Numerics``)."""
+        """Compute like a given source implementation (see ``Numerics``). The engine, built with the old
+        numerics (``v2_odd_size`` decides its plan), is rebuilt at the next forward."""
         for m in self.modules():
             if hasattr(m, "numerics"):
                 m.numerics = numerics
+        self._engines.clear()
         return self
 
     def check_input(self, x) -> None:
@@ -155,12 +178,18 @@ class MobileViT(nn.Module):
         return self.head.fc(features.mean(dim=(-2, -1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not uses_engine(self.backend, x if isinstance(x, torch.Tensor) else torch.empty(0)):
+        engine = choose_engine(self.backend, x if isinstance(x, torch.Tensor) else torch.empty(0))
+        if engine == TORCH:
             return self.forward_head(self.forward_features(x))
         self.check_input(x)
+        if self.training:
+            raise RuntimeError("fastmvit's engines run BatchNorm in eval mode (folded into the weights): "
+                               "call model.eval(), or use backend='torch' for training-mode BatchNorm")
         if torch.is_grad_enabled() and (x.requires_grad or self.stem.conv.weight.requires_grad):
-            raise RuntimeError("fastmvit's fused engine is inference-only: run the model under torch.no_grad() "
+            raise RuntimeError("fastmvit's engines are inference-only: run the model under torch.no_grad() "
                                "or torch.inference_mode(), or use backend='torch' to compute gradients")
+        if engine != FUSED:
+            return self._engines.cpu(engine).run(self, x)
         if torch.compiler.is_compiling():  # torch.compile traces the kernels; its own cudagraphs replace ours
             if not x.is_cuda:
                 raise RuntimeError("torch.compile over fastmvit's fused engine needs CUDA tensors (on the CPU the "

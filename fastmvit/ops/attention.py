@@ -13,7 +13,7 @@ from ..kernels import attention as _kernels
 from ._common import inference_only
 from ..model.blocks import fold_patches, unfold_patches
 
-__all__ = ["patch_attention", "patch_attention_reference"]
+__all__ = ["patch_attention", "patch_attention_plan", "patch_attention_reference"]
 
 
 def patch_attention_reference(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -37,3 +37,22 @@ def patch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 inference_only(patch_attention, "fastmvit::patch_attention")
+
+
+class AttentionPlan:
+    """``patch_attention`` resolved once for one qkv signature: ``plan(qkv, heads)`` launches without the op
+    dispatch."""
+
+    __slots__ = ("plan", "copy")
+
+    def __init__(self, plan, copy: bool):
+        self.plan, self.copy = plan, copy
+
+    def __call__(self, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        return self.plan(qkv.contiguous() if self.copy else qkv)
+
+
+def patch_attention_plan(qkv: torch.Tensor, heads: int) -> AttentionPlan:
+    """The checks and launch configuration of ``patch_attention`` for a qkv like this one, done once."""
+    copy = qkv.dim() == 4 and qkv.stride(-1) != 1
+    return AttentionPlan(_kernels.patch_attention_plan(qkv.contiguous() if copy else qkv, heads), copy)

@@ -26,11 +26,11 @@ from torch.library import triton_op
 from fastmvit.kernels import conv as _k
 from fastmvit.kernels.dwconv import out_size
 
-from fastmvit.kernels._common import empty_output
+from fastmvit.kernels._common import empty_output, poisoning
 
 from ._common import check_nhwc, inference_only
 
-__all__ = ["pack_conv3x3", "conv3x3", "conv3x3_reference"]
+__all__ = ["pack_conv3x3", "conv3x3", "conv3x3_plan", "conv3x3_reference"]
 
 
 def pack_conv3x3(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -79,33 +79,73 @@ def _check(x, w, bias, stride, x2, input_nchw):
         raise ValueError(f"conv3x3: x, w and bias must share a device, got {x.device}, {w.device}, {bias.device}")
 
 
+def _plan(x, w, bias, x2, stride, act, input_nchw) -> "ConvPlan":
+    _check(x, w, bias, stride, x2, input_nchw)
+    B, H, W, c1, strides = _logical(x, input_nchw)
+    y_shape = (B, out_size(H, stride), out_size(W, stride), w.shape[1])
+    empty = B * y_shape[1] * y_shape[2] * y_shape[3] == 0
+    launch = None if empty else _k.conv3x3_plan(x, strides, H, W, c1, x2, y_shape, stride, act)
+    return ConvPlan(launch, y_shape, x.dtype, x.device, poisoning())
+
+
+class ConvPlan:
+    """``conv3x3`` resolved for one signature: ``plan(x, w, bias, x2=...)`` allocates y and launches
+    (``traced`` through wrap_triton, for the registered op)."""
+
+    __slots__ = ("launch", "y_shape", "dtype", "device", "poison", "prepare")
+
+    def __init__(self, launch, y_shape, dtype, device, poison):
+        self.launch, self.y_shape, self.dtype, self.device, self.poison = launch, y_shape, dtype, device, poison
+        self.prepare = None  # set by conv3x3_plan when the inputs need a layout change first
+
+    def __call__(self, x, w, bias, *, x2=None, traced: bool = False, **_):
+        if self.prepare is not None:
+            x, x2, _nchw = _prepare(x, x2, self.prepare)
+        y = empty_output(self.y_shape, self.dtype, self.device, self.poison)
+        if self.launch is not None:
+            (self.launch.traced if traced else self.launch)(x, x if x2 is None else x2, w, bias, y)
+        return y
+
+
 @triton_op("fastmvit::conv3x3", mutates_args=())
 def _conv3x3_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, x2: Optional[torch.Tensor], *,
                 stride: int, act: bool, input_nchw: bool) -> torch.Tensor:
-    _check(x, w, bias, stride, x2, input_nchw)
-    B, H, W, c1, strides = _logical(x, input_nchw)
-    y = empty_output((B, out_size(H, stride), out_size(W, stride), w.shape[1]), x.dtype, x.device)
-    if y.numel():
-        _k.conv3x3_launch(x, strides, H, W, c1, x2, w, bias, y, stride, act)
-    return y
+    return _plan(x, w, bias, x2, stride, act, input_nchw)(x, w, bias, x2=x2, traced=True)
 
 
 inference_only(_conv3x3_op, "fastmvit::conv3x3")
 
 
-def conv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act: bool,
-            x2: Optional[torch.Tensor] = None, input_nchw: bool = False) -> torch.Tensor:
-    """Dense 3x3, padding 1, + bias, then SiLU if ``act``. See the module docstring for shapes."""
+def _prepare(x, x2, input_nchw: bool):
+    """The layouts the kernel reads in place: only tiny-Cin convs gather over arbitrary strides (a wide
+    NCHW input is made NHWC once); channels contiguous otherwise."""
     c_stride = x.stride(1) if input_nchw else x.stride(-1)
     wide = (x.shape[1] if input_nchw else x.shape[-1]) > _k.FLAT_K_MAX_CIN
     if input_nchw and wide:
-        # only tiny-Cin convs gather over arbitrary strides; a wide NCHW input is made NHWC once
         x, input_nchw = x.permute(0, 2, 3, 1).contiguous(), False
     elif wide and c_stride != 1:
         x = x.contiguous()
     if x2 is not None and x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    return x, x2, input_nchw
+
+
+def conv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act: bool,
+            x2: Optional[torch.Tensor] = None, input_nchw: bool = False) -> torch.Tensor:
+    """Dense 3x3, padding 1, + bias, then SiLU if ``act``. See the module docstring for shapes."""
+    x, x2, input_nchw = _prepare(x, x2, input_nchw)
     return _conv3x3_op(x, w, bias, x2, stride=stride, act=act, input_nchw=input_nchw)
+
+
+def conv3x3_plan(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act: bool,
+                 x2: Optional[torch.Tensor] = None, input_nchw: bool = False) -> ConvPlan:
+    """``conv3x3``'s checks and launch configuration, done once for tensors with these shapes, strides,
+    dtypes and devices: the plan, called with the same arguments, launches without the op dispatch."""
+    xp, x2p, nchw = _prepare(x, x2, input_nchw)
+    plan = _plan(xp, w, bias, x2p, stride, act, nchw)
+    if xp is not x or x2p is not x2:
+        plan.prepare = input_nchw
+    return plan
 
 
 def conv3x3_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act: bool,

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch.library import triton_op
 
 from fastmvit.kernels import dwconv as _k
-from fastmvit.kernels._common import empty_output
+from fastmvit.kernels._common import empty_output, poisoning
 
 from ._common import check_nhwc, inference_only
 
-__all__ = ["pack_dwconv3x3", "dwconv3x3", "dwconv3x3_reference"]
+__all__ = ["pack_dwconv3x3", "dwconv3x3", "dwconv3x3_plan", "dwconv3x3_reference"]
 
 
 def _check_vec(name: str, t: torch.Tensor, shape: Tuple[int, ...]) -> None:
@@ -59,15 +59,37 @@ def _check(x, w, bias, stride, dilation):
         raise ValueError(f"dwconv3x3: x, w and bias must share a device, got {x.device}, {w.device}, {bias.device}")
 
 
+class DwconvPlan:
+    """``dwconv3x3`` resolved for one signature: ``plan(x, w, bias)`` allocates y and launches."""
+
+    __slots__ = ("launch", "y_shape", "dtype", "device", "poison", "copy")
+
+    def __init__(self, launch, y_shape, dtype, device, poison, copy=False):
+        self.launch, self.y_shape, self.dtype, self.device, self.poison = launch, y_shape, dtype, device, poison
+        self.copy = copy
+
+    def __call__(self, x, w, bias, *, traced: bool = False, **_):
+        if self.copy:
+            x = x.contiguous()
+        y = empty_output(self.y_shape, self.dtype, self.device, self.poison)
+        if self.launch is not None:
+            (self.launch.traced if traced else self.launch)(x, w, bias, y)
+        return y
+
+
+def _plan(x, w, bias, stride, dilation, act) -> DwconvPlan:
+    _check(x, w, bias, stride, dilation)
+    B, H, W, C = x.shape
+    y_shape = (B, _k.out_size(H, stride), _k.out_size(W, stride), C)
+    empty = B * y_shape[1] * y_shape[2] * C == 0
+    return DwconvPlan(None if empty else _k.dwconv3x3_plan(x, y_shape, stride, dilation, act), y_shape, x.dtype,
+                      x.device, poisoning())
+
+
 @triton_op("fastmvit::dwconv3x3", mutates_args=())
 def _dwconv3x3_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, dilation: int,
                   act: bool) -> torch.Tensor:
-    _check(x, w, bias, stride, dilation)
-    B, H, W, C = x.shape
-    y = empty_output((B, _k.out_size(H, stride), _k.out_size(W, stride), C), x.dtype, x.device)
-    if y.numel():
-        _k.dwconv3x3_launch(x, w, bias, y, stride, dilation, act)
-    return y
+    return _plan(x, w, bias, stride, dilation, act)(x, w, bias, traced=True)
 
 
 inference_only(_dwconv3x3_op, "fastmvit::dwconv3x3")
@@ -79,6 +101,16 @@ def dwconv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: i
     if x.stride(-1) != 1:  # the one layout the kernel cannot index in place
         x = x.contiguous()
     return _dwconv3x3_op(x, w, bias, stride=stride, dilation=dilation, act=act)
+
+
+def dwconv3x3_plan(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int = 1, dilation: int = 1,
+                   act: bool = True) -> DwconvPlan:
+    """``dwconv3x3``'s checks and launch configuration, done once for tensors like these; the plan, called
+    with the same arguments, launches without the op dispatch."""
+    copy = x.stride(-1) != 1
+    plan = _plan(x.contiguous() if copy else x, w, bias, stride, dilation, act)
+    plan.copy = copy
+    return plan
 
 
 def dwconv3x3_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int = 1,

@@ -29,7 +29,7 @@ from torch.library import triton_op
 from ..kernels import gemm as _k
 from ._common import inference_only
 
-__all__ = ["PackedLinear", "pack_linear", "linear", "linear_reference", "group_stats_reference",
+__all__ = ["PackedLinear", "pack_linear", "linear", "linear_plan", "linear_reference", "group_stats_reference",
            "finalize_group_stats"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -137,32 +137,9 @@ def _row_view(t: Tensor, name: str) -> Tensor:
     return t if t.stride(1) == 1 else t.contiguous()  # the kernel needs unit column stride only
 
 
-def linear(a: Tensor, packed: PackedLinear, *, act: Optional[str] = None, residual: Optional[Tensor] = None,
-           norm: Optional[str] = None, group_stats: Optional[Tensor] = None,
-           rows_per_sample: Optional[int] = None, relu_scale: Optional[Tensor] = None,
-           hw: Optional[Tuple[int, int]] = None, emit_group_stats: bool = False, pool: bool = False,
-           eps: float = 1e-5):
-    """y = epilogue(prologue(a) @ W^T): a 1x1 convolution / linear layer on a token matrix, fused.
-
-    a:        [M, K] in packed.dtype; column stride 1, any row stride (a column slice of a wider buffer
-              is read in place)
-    act:      None or "silu", applied after the bias
-    residual: [M, N], any float dtype, column stride 1; added after the activation
-    norm:     None; "layer" (LayerNorm over K per row, eps, affine folded into ``packed``); or "group"
-              (GroupNorm(1) per sample from ``group_stats``, the partials a previous ``linear`` emitted
-              with emit_group_stats=True for the same rows_per_sample)
-    rows_per_sample: rows of one sample (H*W); M must be a multiple. Needed by norm="group",
-              emit_group_stats and pool
-    relu_scale: [B, 4, K] float32 context from ``sepattn_context``: the GEMM reads
-              relu(a[m, k]) * relu_scale[m // (H*W), (h % 2) * 2 + w % 2, k] for pixel (h, w) of row m
-    hw:       (H, W) of the NHWC map the rows enumerate (both even); needed by relu_scale
-    emit_group_stats: also return [B, 3, T] float32 partial statistics (count, mean, M2 per output tile)
-              of y as stored, for a following norm="group" consumer
-    pool:     return the per-sample mean over rows, [B, N] float32, instead of y
-
-    Returns y [M, N] in a.dtype (row stride packed.out_stride); (y, stats) with emit_group_stats;
-    [B, N] float32 with pool.
-    """
+def _resolve(a: Tensor, packed: PackedLinear, act, residual, norm, group_stats, rows_per_sample, relu_scale,
+             hw, emit_group_stats, pool, eps) -> tuple:
+    """``linear``'s checks; returns the registered op's arguments (tensors made kernel-ready)."""
     a = _row_view(a, "a")
     M, K = a.shape
     if M == 0:
@@ -205,14 +182,79 @@ def linear(a: Tensor, packed: PackedLinear, *, act: Optional[str] = None, residu
         residual = _row_view(residual, "residual")
         if residual.shape != (M, N):
             raise ValueError(f"residual must be [M, N] = {(M, N)}, got {tuple(residual.shape)}")
-    args = (a, packed.weight, N, packed.bias, residual, act == "silu",
+    return (a, packed.weight, N, packed.bias, residual, act == "silu",
             {None: _k.NORM_NONE, "layer": _k.NORM_LAYER, "group": _k.NORM_GROUP}[norm],
             group_stats, rps, relu_scale, H, W, float(eps), packed.out_stride)
+
+
+def linear(a: Tensor, packed: PackedLinear, *, act: Optional[str] = None, residual: Optional[Tensor] = None,
+           norm: Optional[str] = None, group_stats: Optional[Tensor] = None,
+           rows_per_sample: Optional[int] = None, relu_scale: Optional[Tensor] = None,
+           hw: Optional[Tuple[int, int]] = None, emit_group_stats: bool = False, pool: bool = False,
+           eps: float = 1e-5):
+    """y = epilogue(prologue(a) @ W^T): a 1x1 convolution / linear layer on a token matrix, fused.
+
+    a:        [M, K] in packed.dtype; column stride 1, any row stride (a column slice of a wider buffer
+              is read in place)
+    act:      None or "silu", applied after the bias
+    residual: [M, N], any float dtype, column stride 1; added after the activation
+    norm:     None; "layer" (LayerNorm over K per row, eps, affine folded into ``packed``); or "group"
+              (GroupNorm(1) per sample from ``group_stats``, the partials a previous ``linear`` emitted
+              with emit_group_stats=True for the same rows_per_sample)
+    rows_per_sample: rows of one sample (H*W); M must be a multiple. Needed by norm="group",
+              emit_group_stats and pool
+    relu_scale: [B, 4, K] float32 context from ``sepattn_context``: the GEMM reads
+              relu(a[m, k]) * relu_scale[m // (H*W), (h % 2) * 2 + w % 2, k] for pixel (h, w) of row m
+    hw:       (H, W) of the NHWC map the rows enumerate (both even); needed by relu_scale
+    emit_group_stats: also return [B, 3, T] float32 partial statistics (count, mean, M2 per output tile)
+              of y as stored, for a following norm="group" consumer
+    pool:     return the per-sample mean over rows, [B, N] float32, instead of y
+
+    Returns y [M, N] in a.dtype (row stride packed.out_stride); (y, stats) with emit_group_stats;
+    [B, N] float32 with pool.
+    """
+    args = _resolve(a, packed, act, residual, norm, group_stats, rows_per_sample, relu_scale, hw,
+                    emit_group_stats, pool, eps)
     if pool:
         return torch.ops.fastmvit.linear_pool(*args)
     if emit_group_stats:
         return torch.ops.fastmvit.linear_group_stats(*args)
     return torch.ops.fastmvit.linear(*args)
+
+
+class LinearPlan:
+    """``linear`` resolved once for one signature (see ``linear_plan``): called with the same arguments as
+    ``linear``, it allocates and launches directly, without the custom-op dispatch."""
+
+    __slots__ = ("gemm", "copies")
+
+    def __init__(self, gemm, copies: bool):
+        self.gemm, self.copies = gemm, copies
+
+    def __call__(self, a: Tensor, packed: PackedLinear, *, residual: Optional[Tensor] = None,
+                 group_stats: Optional[Tensor] = None, relu_scale: Optional[Tensor] = None, **_):
+        if self.copies:  # a layout the kernel cannot read in place (never in the engine): as linear does
+            a, residual = _row_view(a, "a"), None if residual is None else _row_view(residual, "residual")
+            group_stats = None if group_stats is None else group_stats.contiguous()
+            relu_scale = None if relu_scale is None else relu_scale.contiguous()
+        return self.gemm(a, packed.weight, packed.bias, residual, group_stats, relu_scale)
+
+
+def linear_plan(a: Tensor, packed: PackedLinear, *, act: Optional[str] = None, residual: Optional[Tensor] = None,
+                norm: Optional[str] = None, group_stats: Optional[Tensor] = None,
+                rows_per_sample: Optional[int] = None, relu_scale: Optional[Tensor] = None,
+                hw: Optional[Tuple[int, int]] = None, emit_group_stats: bool = False, pool: bool = False,
+                eps: float = 1e-5) -> LinearPlan:
+    """``linear``'s checks and launch configuration, done once for tensors with these shapes, strides,
+    dtypes and devices: the returned plan computes ``linear(a, packed, ...)`` for any such tensors."""
+    args = _resolve(a, packed, act, residual, norm, group_stats, rows_per_sample, relu_scale, hw,
+                    emit_group_stats, pool, eps)
+    a2, w, N, bias, res2, silu, norm_id, gs2, rps, cv2, H, W, eps_f, out_stride = args
+    copies = a2 is not a or res2 is not residual or gs2 is not group_stats or cv2 is not relu_scale
+    plan = _k.gemm_plan(a2, w, N, has_bias=bias is not None, act=silu, residual=res2, norm=norm_id,
+                        group_stats=gs2, rows_per_sample=rps, has_relu_scale=cv2 is not None, hw=(H, W),
+                        emit_stats=emit_group_stats, pool=pool, eps=eps_f, out_stride=out_stride)
+    return LinearPlan(plan, copies)
 
 
 # -- references ------------------------------------------------------------------------------------------

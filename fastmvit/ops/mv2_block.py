@@ -32,12 +32,12 @@ from torch.library import triton_op
 from fastmvit.kernels import mv2_block as _k
 from fastmvit.kernels.dwconv import out_size
 
-from fastmvit.kernels._common import empty_output
+from fastmvit.kernels._common import empty_output, poisoning
 
 from ._common import check_nhwc, inference_only
 from .dwconv import dwconv3x3
 
-__all__ = ["PackedInvertedResidual", "pack_inverted_residual", "inverted_residual", "inverted_residual_unfused",
+__all__ = ["PackedInvertedResidual", "pack_inverted_residual", "inverted_residual", "inverted_residual_plan", "inverted_residual_unfused",
            "inverted_residual_reference", "should_fuse", "fusion_estimate"]
 
 
@@ -110,30 +110,81 @@ TC_RATE_GEMM = 4.0e14     # FLOP/s, the unfused 1x1 GEMMs
 LAUNCH_COST = 2.5e-6      # seconds a kernel costs beyond its roofline time (launch gap, ramp, tail)
 FUSE_MARGIN = 0.9         # fuse only when predicted at least 10 % faster: the model is unmeasured
 
+# The latency term: a grid of few CTAs with long serial loops cannot use the other SMs however little it
+# computes (batch 1: stage 5's fused block is one CTA of 144 dependent steps). Per-step latencies are
+# estimates from the kernels' structure (sm_90, ~1.7 GHz), not measurements: a GPU visit should re-fit them
+# with ``python -m fastmvit info --plan`` beside the kernel microbenchmarks.
+SMS = 132
+STEP_FUSED = 0.35e-6      # one (hidden chunk, tap) step of the fused kernel: an x-tile gather that
+                          # num_stages=1 does not prefetch (L2/DRAM latency), a wgmma, SiLU, the depthwise FMA;
+                          # the low end of the review's 0.35-1 us (50-150 us for 144 steps), so the term
+                          # overrules the roofline only where even the optimistic latency loses
+STEP_GEMM = 0.1e-6        # one K step of the pipelined GEMM (its loads issued num_stages - 1 steps ahead)
+STEP_DW = 1.0e-6          # the depthwise kernel's single step: nine tap loads in flight, then the FMAs
+CTAS_PER_SM_GEMM = 3      # resident CTAs per SM (kernels/check: 2-4 for the GEMM tiles; 1 for the fused
+                          # kernel with 8 warps, about 2 with 4)
+
+
+def latency(ctas: int, steps: int, step: float, ctas_per_sm: int = 1) -> float:
+    """Seconds a grid of ``ctas`` programs, each running ``steps`` dependent steps of ``step`` seconds,
+    needs at least: waves x serial depth x step latency."""
+    return -(-ctas // (SMS * ctas_per_sm)) * steps * step
+
+
+def kernel_shapes(cin: int, hidden: int, cout: int, stride: int, *, height: int, width: int, batch: int,
+                  elem_bytes: int = 2) -> Dict[str, tuple]:
+    """(CTAs, serial steps, CTAs per SM) of each kernel of both paths, with the GPU's launch rules."""
+    from fastmvit.kernels import gemm as _gemm
+    from fastmvit.kernels.dwconv import dwconv_config
+
+    dt = torch.float16 if elem_bytes == 2 else torch.float32
+    p_in = batch * height * width
+    p_out = batch * out_size(height, stride) * out_size(width, stride)
+
+    def gemm(M, N, K):
+        c = _gemm.pick_config(M, N, K, dt, interpret=False)
+        return -(-M // c.BM) * -(-N // c.BN), -(-K // c.BK), CTAS_PER_SM_GEMM
+
+    bm, _, bh, _, warps, _ = _k.fused_config(cin, hidden, cout, dt, p_out, interpret=False)
+    block_p, block_c, _ = dwconv_config(hidden, p_out, interpret=False)
+    return {"fused": (-(-p_out // bm), -(-hidden // bh) * 9, 1 if warps == 8 else 2),
+            "expand": gemm(p_in, hidden, cin),
+            "depthwise": (-(-p_out // block_p) * -(-hidden // block_c), 1, CTAS_PER_SM_GEMM),
+            "project": gemm(p_out, cout, hidden)}
+
 
 def fusion_estimate(cin: int, hidden: int, cout: int, stride: int, *, height: int = 128, width: int = 128,
                     batch: int = 256, elem_bytes: int = 2) -> Dict[str, float]:
-    """Roofline estimate (seconds) of both paths for one block: each kernel costs
-    ``max(bytes / DRAM_BW, mufu / MUFU_RATE, flops / TC_RATE) + LAUNCH_COST``.
+    """Estimate (seconds) of both paths for one block: each kernel costs
+    ``max(bytes / DRAM_BW, mufu / MUFU_RATE, flops / TC_RATE, latency) + LAUNCH_COST``, where
+    ``latency`` is waves x serial steps x step latency (``kernel_shapes``, ``latency``).
 
     unfused: expand GEMM (read x, write the hidden map, one SiLU per hidden value), depthwise (read the
     hidden map, write the strided hidden map, one SiLU each), project GEMM (+ residual read).
     fused: read x once (the halo re-reads hit L1/L2), write y; per output pixel 9 recomputed expansions
-    (9 * hidden SiLUs) + hidden depthwise SiLUs; dots 9 * Cin * hidden + hidden * Cout MACs."""
+    (9 * hidden SiLUs) + hidden depthwise SiLUs; dots 9 * Cin * hidden + hidden * Cout MACs.
+    Also returns each path's latency term (``fused_latency``, ``unfused_latency``)."""
     p_in = batch * height * width
     p_out = batch * out_size(height, stride) * out_size(width, stride)
     res = stride == 1 and cin == cout
     e = elem_bytes
+    shapes = kernel_shapes(cin, hidden, cout, stride, height=height, width=width, batch=batch, elem_bytes=e)
+    lat = {k: latency(ctas, steps, STEP_FUSED if k == "fused" else STEP_DW if k == "depthwise" else STEP_GEMM,
+                      per_sm) for k, (ctas, steps, per_sm) in shapes.items()}
 
-    def kernel(nbytes, mufu, flops, tc):
-        return max(nbytes / DRAM_BW, mufu / MUFU_RATE, flops / tc) + LAUNCH_COST
+    def kernel(nbytes, mufu, flops, tc, latency_s):
+        return max(nbytes / DRAM_BW, mufu / MUFU_RATE, flops / tc, latency_s) + LAUNCH_COST
 
-    unfused = (kernel(e * p_in * (cin + hidden), 2 * p_in * hidden, 2 * p_in * cin * hidden, TC_RATE_GEMM)
-               + kernel(e * (p_in + p_out) * hidden, 2 * p_out * hidden, 18 * p_out * hidden, float("inf"))
-               + kernel(e * p_out * (hidden + cout * (1 + res)), 0, 2 * p_out * hidden * cout, TC_RATE_GEMM))
+    unfused = (kernel(e * p_in * (cin + hidden), 2 * p_in * hidden, 2 * p_in * cin * hidden, TC_RATE_GEMM,
+                      lat["expand"])
+               + kernel(e * (p_in + p_out) * hidden, 2 * p_out * hidden, 18 * p_out * hidden, float("inf"),
+                        lat["depthwise"])
+               + kernel(e * p_out * (hidden + cout * (1 + res)), 0, 2 * p_out * hidden * cout, TC_RATE_GEMM,
+                        lat["project"]))
     fused = kernel(e * (p_in * cin + p_out * cout), 2 * 10 * p_out * hidden,
-                   2 * p_out * hidden * (9 * cin + cout), TC_RATE_FUSED)
-    return {"fused": fused, "unfused": unfused}
+                   2 * p_out * hidden * (9 * cin + cout), TC_RATE_FUSED, lat["fused"])
+    return {"fused": fused, "unfused": unfused, "fused_latency": lat["fused"],
+            "unfused_latency": lat["expand"] + lat["depthwise"] + lat["project"]}
 
 
 @functools.lru_cache(maxsize=None)  # asked on every forward, for a handful of shapes
@@ -146,6 +197,8 @@ def should_fuse(cin: int, hidden: int, cout: int, stride: int, *, height: Option
        it would need a Cin loop or an output-channel split that repeats the recomputation).
     2. Then ``fusion_estimate`` decides: fuse when it predicts the fused kernel at most 0.9x the
        unfused time, at the given map and batch (default 128 x 128, batch 256: the throughput case).
+       Each kernel's estimate is the largest of its traffic, MUFU, tensor-core and latency terms; the
+       latency term (waves x serial steps per CTA x step latency) is what sees a small grid.
 
     What the estimate decides for the released blocks at 256 x 256 input (and why it is not simply
     "fuse the early blocks"): the recomputed expansion is cheap on tensor cores while Cin is small,
@@ -156,8 +209,10 @@ def should_fuse(cin: int, hidden: int, cout: int, stride: int, *, height: Option
       map, is largest); Cin 80 is marginal (80->320->96 fuses at 0.88x, 80->160->160 not at 0.91x);
       stride-2 blocks with Cin >= 96 do not (the 9 * Cin * hidden recompute dominates); no stride-1
       block does (1.3-3.1x: the SiLUs cost more than the 2-2.5x traffic saved).
-    * batch 1: almost every block within the limits fuses: three small kernels are launch/latency
-      bound and one kernel saves two launches (the widest stride-1 blocks still do not).
+    * batch 1: the blocks on the 128 x 128 map fuse where the recompute is small (xxs 16->32->16 and
+      16->32->24, S 16->64->32: one kernel saves two launches), but from the 64 x 64 map on the fused
+      grid is a few CTAs with long serial loops (S stage 3: 16 CTAs x 72 steps, stage 4: 4 x 108, stage
+      5: 1 x 144; ~25-50 us by the latency term) against ~10 us for three short unfused kernels.
     A GPU measurement should re-fit the constants above: time both paths per block with
     ``inverted_residual(x, p, fused=True/False)`` and adjust MUFU_RATE / TC_RATE_FUSED until the rule
     agrees with the clock.
@@ -198,16 +253,41 @@ def _check(x, w1, b1, wdw, bdw, w3, b3, stride, residual):
         raise ValueError("inverted_residual: weights and activation must share a device")
 
 
+class FusedPlan:
+    """The fused kernel resolved for one signature: ``plan(x, p)`` allocates y and launches."""
+
+    __slots__ = ("launch", "y_shape", "dtype", "device", "poison", "copy")
+
+    def __init__(self, launch, y_shape, dtype, device, poison, copy=False):
+        self.launch, self.y_shape, self.dtype, self.device, self.poison = launch, y_shape, dtype, device, poison
+        self.copy = copy
+
+    def run(self, x, w1, b1, wdw, bdw, w3, b3, traced: bool = False) -> torch.Tensor:
+        if self.copy:
+            x = x.contiguous()
+        y = empty_output(self.y_shape, self.dtype, self.device, self.poison)
+        if self.launch is not None:
+            (self.launch.traced if traced else self.launch)(x, w1, b1, wdw, bdw, w3, b3, y)
+        return y
+
+    def __call__(self, x: torch.Tensor, p: PackedInvertedResidual, **_) -> torch.Tensor:
+        return self.run(x, p.w1, p.b1, p.wdw, p.bdw, p.w3, p.b3)
+
+
+def _plan(x, w1, b1, wdw, bdw, w3, b3, stride, residual) -> FusedPlan:
+    _check(x, w1, b1, wdw, bdw, w3, b3, stride, residual)
+    B, H, W, _ = x.shape
+    y_shape = (B, out_size(H, stride), out_size(W, stride), w3.shape[1])
+    empty = B * y_shape[1] * y_shape[2] * y_shape[3] == 0
+    launch = None if empty else _k.inverted_residual_plan(x, w1.shape[1], y_shape, stride, residual)
+    return FusedPlan(launch, y_shape, x.dtype, x.device, poisoning())
+
+
 @triton_op("fastmvit::inverted_residual", mutates_args=())
 def _inverted_residual_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, wdw: torch.Tensor,
                           bdw: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, *, stride: int,
                           residual: bool) -> torch.Tensor:
-    _check(x, w1, b1, wdw, bdw, w3, b3, stride, residual)
-    B, H, W, _ = x.shape
-    y = empty_output((B, out_size(H, stride), out_size(W, stride), w3.shape[1]), x.dtype, x.device)
-    if y.numel():
-        _k.inverted_residual_launch(x, w1, b1, wdw, bdw, w3, b3, y, stride, residual)
-    return y
+    return _plan(x, w1, b1, wdw, bdw, w3, b3, stride, residual).run(x, w1, b1, wdw, bdw, w3, b3, traced=True)
 
 
 inference_only(_inverted_residual_op, "fastmvit::inverted_residual")
@@ -224,6 +304,21 @@ def inverted_residual(x: torch.Tensor, p: PackedInvertedResidual, *, fused: Opti
     if x.stride(-1) != 1:
         x = x.contiguous()
     return _inverted_residual_op(x, p.w1, p.b1, p.wdw, p.bdw, p.w3, p.b3, stride=p.stride, residual=p.residual)
+
+
+def inverted_residual_plan(x: torch.Tensor, p: PackedInvertedResidual, *, fused: Optional[bool] = None):
+    """``inverted_residual`` resolved once for an x like this one: called with the same arguments, the
+    fused kernel launches without the op dispatch (the unfused path is returned as it is: its three ops
+    are planned where the engine calls them one by one)."""
+    if fused is None:
+        fused = should_fuse(p.cin, p.hidden, p.cout, p.stride, height=x.shape[1], width=x.shape[2],
+                            batch=x.shape[0])
+    if not fused:
+        return inverted_residual
+    copy = x.stride(-1) != 1
+    plan = _plan(x.contiguous() if copy else x, p.w1, p.b1, p.wdw, p.bdw, p.w3, p.b3, p.stride, p.residual)
+    plan.copy = copy
+    return plan
 
 
 def _expand_torch(x2d, w1, b1):

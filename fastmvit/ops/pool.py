@@ -14,7 +14,7 @@ from ..kernels import pool as _k
 from ._common import inference_only
 from .gemm import PackedLinear
 
-__all__ = ["pool_linear", "classifier", "pool_linear_reference"]
+__all__ = ["pool_linear", "classifier", "classifier_plan", "pool_linear_reference"]
 
 
 @triton_op("fastmvit::pool_linear", mutates_args={})
@@ -25,14 +25,16 @@ def _pool_linear_op(x: Tensor, w: Tensor, n_classes: int, bias: Optional[Tensor]
 inference_only(_pool_linear_op, "fastmvit::pool_linear")
 
 
-def _run(x3: Tensor, packed: PackedLinear) -> Tensor:
+def _resolve(x3: Tensor, packed: PackedLinear) -> Tensor:
     if x3.shape[-1] != packed.in_features:
         raise ValueError(f"features have {x3.shape[-1]} channels, the classifier expects {packed.in_features}")
     if x3.device != packed.device:
         raise ValueError(f"features on {x3.device}, classifier weights on {packed.device}")
-    if x3.stride(2) != 1:
-        x3 = x3.contiguous()
-    return torch.ops.fastmvit.pool_linear(x3, packed.weight, packed.out_features, packed.bias)
+    return x3.contiguous() if x3.stride(2) != 1 else x3
+
+
+def _run(x3: Tensor, packed: PackedLinear) -> Tensor:
+    return torch.ops.fastmvit.pool_linear(_resolve(x3, packed), packed.weight, packed.out_features, packed.bias)
 
 
 def pool_linear(x: Tensor, packed: PackedLinear) -> Tensor:
@@ -57,6 +59,30 @@ def classifier(features: Tensor, packed: PackedLinear) -> Tensor:
     if features.dim() != 2:
         raise ValueError(f"features must be [B, C], got {tuple(features.shape)}")
     return _run(features[:, None, :], packed)
+
+
+class ClassifierPlan:
+    """``classifier`` resolved once for one features signature: called with the same arguments, it
+    launches without the op dispatch."""
+
+    __slots__ = ("plan", "copy")
+
+    def __init__(self, plan, copy: bool):
+        self.plan, self.copy = plan, copy
+
+    def __call__(self, features: Tensor, packed: PackedLinear) -> Tensor:
+        x3 = features[:, None, :]
+        return self.plan(x3.contiguous() if self.copy else x3, packed.weight, packed.bias)
+
+
+def classifier_plan(features: Tensor, packed: PackedLinear) -> ClassifierPlan:
+    """The checks and launch configuration of ``classifier`` for features like these, done once."""
+    if features.dim() != 2:
+        raise ValueError(f"features must be [B, C], got {tuple(features.shape)}")
+    x3 = features[:, None, :]
+    ready = _resolve(x3, packed)
+    return ClassifierPlan(_k.pool_linear_plan(ready, packed.weight, packed.out_features, packed.bias is not None),
+                          ready is not x3)
 
 
 def pool_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

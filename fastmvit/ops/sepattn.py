@@ -25,7 +25,7 @@ from ..kernels import sepattn as _k
 from ._common import inference_only
 from .gemm import PackedLinear, pack_linear
 
-__all__ = ["sepattn_context", "sepattn_context_reference", "pack_qkv", "qkv_columns"]
+__all__ = ["sepattn_context", "sepattn_context_plan", "sepattn_context_reference", "pack_qkv", "qkv_columns"]
 
 
 def qkv_columns(d: int) -> dict:
@@ -69,6 +69,16 @@ def _as_rows(qkv: Tensor, H: Optional[int], W: Optional[int]):
     return (qkv if qkv.stride(1) == 1 else qkv.contiguous()), int(H), int(W)
 
 
+def _resolve(qkv, d, H, W, q_col, k_col):
+    qkv, H, W = _as_rows(qkv, H, W)
+    M, C = qkv.shape
+    if H % 2 or W % 2 or H <= 0 or W <= 0 or M % (H * W):
+        raise ValueError(f"H, W must be even and H*W must divide the {M} rows, got {(H, W)}")
+    if not (0 <= q_col < C and 0 <= k_col and k_col + d <= C and d > 0):
+        raise ValueError(f"q_col={q_col}, k_col={k_col}, d={d} do not fit in {C} channels")
+    return qkv, int(d), H, W, int(q_col), int(k_col)
+
+
 def sepattn_context(qkv: Tensor, d: int, H: Optional[int] = None, W: Optional[int] = None, *,
                     q_col: int = 0, k_col: int = 1) -> Tensor:
     """Context vectors of MobileViTv2's separable attention.
@@ -80,13 +90,29 @@ def sepattn_context(qkv: Tensor, d: int, H: Optional[int] = None, W: Optional[in
     Returns cv [B, 4, d] float32: cv[b, i*2+j] = sum_n softmax(q)_n * k_n over the N = H*W/4 pixels
     (2r+i, 2c+j) of sample b, fp32 softmax with max subtraction.
     """
-    qkv, H, W = _as_rows(qkv, H, W)
-    M, C = qkv.shape
-    if H % 2 or W % 2 or H <= 0 or W <= 0 or M % (H * W):
-        raise ValueError(f"H, W must be even and H*W must divide the {M} rows, got {(H, W)}")
-    if not (0 <= q_col < C and 0 <= k_col and k_col + d <= C and d > 0):
-        raise ValueError(f"q_col={q_col}, k_col={k_col}, d={d} do not fit in {C} channels")
-    return torch.ops.fastmvit.sepattn_context(qkv, int(d), H, W, int(q_col), int(k_col))
+    return torch.ops.fastmvit.sepattn_context(*_resolve(qkv, d, H, W, q_col, k_col))
+
+
+class ContextPlan:
+    """``sepattn_context`` resolved once for one signature: called with the same arguments, it launches
+    without the op dispatch."""
+
+    __slots__ = ("plan", "H", "W")
+
+    def __init__(self, plan, H, W):
+        self.plan, self.H, self.W = plan, H, W
+
+    def __call__(self, qkv: Tensor, d: int, H: Optional[int] = None, W: Optional[int] = None, **_) -> Tensor:
+        if qkv.dim() != 2 or qkv.stride(1) != 1:
+            qkv = _as_rows(qkv, self.H, self.W)[0]
+        return self.plan(qkv)
+
+
+def sepattn_context_plan(qkv: Tensor, d: int, H: Optional[int] = None, W: Optional[int] = None, *,
+                         q_col: int = 0, k_col: int = 1) -> ContextPlan:
+    """The checks and launch configuration of ``sepattn_context`` for a qkv like this one, done once."""
+    rows, d, H, W, q_col, k_col = _resolve(qkv, d, H, W, q_col, k_col)
+    return ContextPlan(_k.context_plan(rows, d, H, W, q_col, k_col), H, W)
 
 
 def sepattn_context_reference(qkv: Tensor, d: int, H: int, W: int, *, q_col: int = 0, k_col: int = 1) -> Tensor:

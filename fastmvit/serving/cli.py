@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from .common import InputLimits
+from .faults import ServingLimits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +38,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-timeout-ms", type=float, default=5.0,
                    help="how long the worker waits for a batch to fill, in ms (default 5)")
     p.add_argument("--top-k", type=int, default=5, help="classes per answer unless ?top_k= says (default 5)")
-    p.add_argument("--timeout", type=float, default=30.0, help="request timeout in seconds (default 30)")
+    d = ServingLimits()
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help=f"seconds to receive a request body, else 408 (default {d.body_timeout:g})")
+    p.add_argument("--queue-timeout", type=float, default=d.queue_timeout,
+                   help=f"seconds a request may wait for the model, else 503 + Retry-After (default {d.queue_timeout:g})")
+    p.add_argument("--inference-timeout", type=float, default=d.inference_timeout,
+                   help=f"seconds for the model to answer a request it took, else 504 (default {d.inference_timeout:g})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"requests admitted at once, more get 429 + Retry-After (default {d.max_queue})")
+    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
+                   help=f"on SIGTERM, seconds to finish admitted requests (default {d.drain_timeout:g})")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
+                   help=f"seconds a connection may stay open without a request, else closed (default {d.idle_timeout:g})")
     p.add_argument("--max-body-bytes", type=int, default=InputLimits.max_bytes,
                    help=f"largest request body (default {InputLimits.max_bytes})")
     p.add_argument("--max-pixels", type=int, default=InputLimits.max_pixels,
@@ -59,14 +72,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         limits = InputLimits(args.max_body_bytes, args.max_pixels, args.min_side)
+        serving_limits = ServingLimits(body_timeout=args.body_timeout, queue_timeout=args.queue_timeout,
+                                       inference_timeout=args.inference_timeout, max_queue=args.max_queue,
+                                       drain_timeout=args.drain_timeout, idle_timeout=args.idle_timeout)
         from .litserve import serve
 
         devices = int(args.devices) if str(args.devices).isdigit() else args.devices
         serve(args.model, args.weights, pretrained=not args.random, host=args.host, port=args.port,
               device=args.device, devices=devices, workers_per_device=args.workers_per_device,
-              timeout=args.timeout, log_level=args.log_level, dtype=args.dtype, input_size=args.input_size,
+              log_level=args.log_level, dtype=args.dtype, input_size=args.input_size,
               max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_ms / 1000, top_k=args.top_k,
-              limits=limits)
+              limits=limits, serving_limits=serving_limits)
     except (FastMViTError, ValueError) as e:
         print(f"error: {message_for(e)}", file=sys.stderr)
         return 2

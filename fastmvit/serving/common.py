@@ -214,6 +214,24 @@ def _load_fn():
     return load
 
 
+def _parallel_kernel_warmup(model, batch_sizes, size) -> None:
+    """Compile the engine's kernels in parallel before the serial warm-up forwards; only a speed-up, so a
+    failure is reported and the forwards compile what is left."""
+    import warnings
+
+    from ..engine.warmup import warmup
+
+    try:
+        report = warmup(model, batch_sizes, [tuple(size)])
+    except Exception as e:
+        warnings.warn(f"fastmvit: the parallel kernel warm-up failed ({type(e).__name__}: {e}); the warm-up "
+                      f"forwards compile the kernels one by one instead")
+        return
+    if report.failures:
+        warnings.warn(f"fastmvit: {len(report.failures)} kernel(s) failed to compile in the parallel warm-up, "
+                      f"first: {report.failures[0]}")
+
+
 class Classifier:
     """A fastmvit model behind a server: float32 images in, float32 logits out, whatever runs inside.
 
@@ -295,12 +313,16 @@ class Classifier:
 
     def warmup(self, progress: Optional[Callable[[str], None]] = say) -> Tuple[int, ...]:
         """Run one forward at every batch size, so the first requests find every kernel compiled, every
-        oneDNN/cuDNN plan chosen and (with the fused engine) every CUDA graph captured. ``progress`` is told
-        each batch size as it starts and when all are done (default: a line on stderr; None for silence):
+        oneDNN/cuDNN plan chosen and (with the fused engine) every CUDA graph captured. On a GPU the
+        kernels are first compiled in parallel over all cores (``fastmvit.engine.warmup``). ``progress`` is
+        told each step as it starts and when all are done (default: a line on stderr; None for silence):
         a warm-up takes seconds to minutes, and a server that prints nothing meanwhile looks hung."""
         start = time.perf_counter()
-        work = ("compiling kernels, capturing CUDA graphs" if self.device.type == "cuda"
-                else "choosing the CPU kernels")
+        if self.device.type == "cuda" and getattr(self.model, "backend", "torch") != "torch":
+            if progress:
+                progress("warm-up: compiling the engine's kernels in parallel")
+            _parallel_kernel_warmup(self.model, self.batch_sizes, self.image_shape[1:])
+        work = ("capturing CUDA graphs" if self.device.type == "cuda" else "choosing the CPU kernels")
         for i, b in enumerate(self.batch_sizes, 1):
             if progress:
                 progress(f"warm-up {i}/{len(self.batch_sizes)}: batch {b} ({work}), "

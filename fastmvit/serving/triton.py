@@ -45,10 +45,14 @@ def _param(key: str, value) -> str:
 def config_pbtxt(*, name: str, image_size: int, num_classes: int, top_k: int, kind: str, instances: int = 1,
                  gpus: Optional[Sequence[int]] = None, max_batch_size: int = 32,
                  batch_sizes: Optional[Sequence[int]] = None, max_queue_delay_us: int = 2000,
-                 parameters: Optional[dict] = None, label_file: Optional[str] = "labels.txt") -> str:
+                 parameters: Optional[dict] = None, label_file: Optional[str] = "labels.txt",
+                 queue_timeout_s: Optional[float] = 30.0, max_queue_size: Optional[int] = 256) -> str:
     """The text of ``config.pbtxt``. ``kind`` is "cpu" or "gpu"; ``batch_sizes`` (default 1, 2, 4, ... up
     to ``max_batch_size``) are the sizes the model warms up: those above 1 become the preferred batch
-    sizes (1 would let the batcher send every lone request at once instead of waiting to batch)."""
+    sizes (1 would let the batcher send every lone request at once instead of waiting to batch).
+    ``queue_timeout_s``: a request waiting longer for an instance is rejected (UNAVAILABLE) instead of
+    waiting forever behind a hung one; a client may ask for less with its own ``timeout`` parameter.
+    ``max_queue_size``: more queued requests are rejected at once (UNAVAILABLE). None: no limit."""
     if kind not in ("cpu", "gpu"):
         raise ValueError(f"kind must be 'cpu' or 'gpu', got {kind!r}")
     sizes = sorted(set(batch_sizes or default_batch_sizes(max_batch_size)))
@@ -80,6 +84,16 @@ def config_pbtxt(*, name: str, image_size: int, num_classes: int, top_k: int, ki
         "dynamic_batching {",
         f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]",
         f"  max_queue_delay_microseconds: {int(max_queue_delay_us)}",
+    ]
+    policy = []
+    if queue_timeout_s is not None:
+        policy += ["timeout_action: REJECT", f"default_timeout_microseconds: {int(queue_timeout_s * 1e6)}",
+                   "allow_timeout_override: true"]
+    if max_queue_size is not None:
+        policy += [f"max_queue_size: {int(max_queue_size)}"]
+    if policy:
+        lines += [f"  default_queue_policy {{ {' '.join(policy)} }}"]
+    lines += [
         "}",
         f"instance_group [ {{ {group} }} ]",
     ]
@@ -118,6 +132,8 @@ def write_model_repository(
     max_batch_size: int = 32,
     batch_sizes: Optional[Sequence[int]] = None,
     max_queue_delay_us: int = 2000,
+    queue_timeout_s: Optional[float] = 30.0,
+    max_queue_size: Optional[int] = 256,
     top_k: int = 5,
     dtype: str = "auto",
     input_size: Optional[int] = None,
@@ -180,7 +196,8 @@ def write_model_repository(
         params["fastmvit_cpu_threads"] = int(cpu_threads)
     text = config_pbtxt(name=name, image_size=cfg.input_size, num_classes=net.num_classes, top_k=top_k,
                         kind=kind, instances=instances, gpus=gpus, max_batch_size=max_batch_size,
-                        batch_sizes=batch_sizes, max_queue_delay_us=max_queue_delay_us, parameters=params)
+                        batch_sizes=batch_sizes, max_queue_delay_us=max_queue_delay_us, parameters=params,
+                        queue_timeout_s=queue_timeout_s, max_queue_size=max_queue_size)
     (model_dir / "config.pbtxt").write_text(text)
     names = labels if labels is not None else [str(i) for i in range(net.num_classes)]
     (model_dir / "labels.txt").write_text("".join(n.replace("\n", " ") + "\n" for n in names), encoding="utf-8")
@@ -208,6 +225,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="sizes to warm up and prefer (default 1, 2, 4, ... max-batch-size)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000,
                    help="how long a request may wait for a batch to fill, in microseconds (default 2000)")
+    p.add_argument("--queue-timeout", type=float, default=30.0,
+                   help="seconds a request may wait for an instance before it is rejected (default 30; 0: none)")
+    p.add_argument("--max-queue-size", type=int, default=256,
+                   help="queued requests beyond this are rejected at once (default 256; 0: no limit)")
     p.add_argument("--top-k", type=int, default=5, help="classes in the top-k outputs (default 5)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="what runs inside (default: float16 on gpu, float32 on cpu); the wire is float32")
@@ -230,6 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.repository, args.model, args.weights, pretrained=not args.random, name=args.name,
             kind=args.device, instances=args.instances, gpus=args.gpus, max_batch_size=args.max_batch_size,
             batch_sizes=args.batch_sizes, max_queue_delay_us=args.max_queue_delay_us, top_k=args.top_k,
+            queue_timeout_s=args.queue_timeout or None, max_queue_size=args.max_queue_size or None,
             dtype=args.dtype, input_size=args.input_size, limits=limits, copy_weights=args.copy_weights,
             cpu_threads=args.cpu_threads)
     except (FastMViTError, ValueError) as e:

@@ -6,6 +6,13 @@ that loads it; its module docstring gives the inputs and outputs.
 marks the model ready. ``execute`` validates every request on its own (a bad one gets its own
 INVALID_ARG error, HTTP 400), decodes encoded images on a thread pool, and runs every image of every good
 request in one forward.
+
+When the forward fails, each request gets its own error (fastmvit.serving.faults): out of memory splits the
+batch and retries the halves, and an image that does not fit even alone gets UNAVAILABLE; a device fault
+(illegal address, device-side assert ...) answers UNAVAILABLE, and since the instance's CUDA context is
+then unusable and Triton (2.4x-2.6x) neither restarts a Python-backend stub nor turns its readiness false,
+every later request is answered UNAVAILABLE at once, saying so, and ``python -m fastmvit.serving.probe``
+(an inference, not a health call) reports the model not ready. Anything else: INTERNAL for that batch.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
 from .common import Classifier, InputLimits, RequestError
+from .faults import InjectedFaults, forward_with_retries, is_device_fault, refusal_for
 
 __all__ = ["TritonPythonModel"]
 
@@ -81,6 +89,11 @@ class TritonPythonModel:
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
                                        thread_name_prefix="fastmvit-decode")
         sizes = self.classifier.warmup()
+        self.unusable: Optional[str] = None  # set by a device fault: this instance cannot serve any more
+        self._forward = lambda images: self.classifier.forward(images)
+        faults = InjectedFaults.from_env()
+        if faults is not None:
+            self._forward = faults.wrap(self._forward)
         self._init_metrics()
         _log(f"fastmvit: {self.name} ready on {device} ({self.classifier.dtype}), input "
              f"{list(self.classifier.image_shape)}, warmed up at batch sizes {list(sizes)}")
@@ -142,6 +155,8 @@ class TritonPythonModel:
         return torch.stack(images)
 
     def execute(self, requests) -> List:
+        if self.unusable is not None:
+            return [self._error(self.unusable, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
         responses: List[Optional[object]] = [None] * len(requests)
         pending = []
         for i, request in enumerate(requests):
@@ -163,27 +178,49 @@ class TritonPythonModel:
                 device = self.classifier.device  # inputs may already be there (FORCE_CPU_ONLY_INPUT_TENSORS=no)
                 responses = self._answer(responses, good, torch.cat([b.to(device) for b in batch]))
             except Exception:  # noqa: BLE001 - answer each request rather than fail the whole batch opaquely
-                _log(f"fastmvit: forward failed\n{traceback.format_exc()}", error=True)
+                _log(f"fastmvit: answering the batch failed\n{traceback.format_exc()}", error=True)
                 for i, _ in good:
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                        "fastmvit: the forward pass failed; see the server log", pb_utils.TritonError.INTERNAL))
+                    responses[i] = self._error("fastmvit: the forward pass failed; see the server log",
+                                               pb_utils.TritonError.INTERNAL)
         return responses
 
+    @staticmethod
+    def _error(message: str, code):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+    def _release(self) -> None:
+        if self.classifier.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _answer(self, responses, good, images: torch.Tensor):
-        logits = self.classifier.forward(images)
+        rows = forward_with_retries(self._forward, images, release=self._release)
         if self._batch_metric is not None:
             self._batch_metric.observe(float(images.shape[0]))
+        for e in {id(r): r for r in rows if isinstance(r, BaseException)}.values():
+            _log(f"fastmvit: forward failed for {sum(r is e for r in rows)} of {len(rows)} images\n"
+                 f"{''.join(traceback.format_exception(type(e), e, e.__traceback__))}", error=True)
+            if is_device_fault(e) and self.unusable is None:
+                self.unusable = (f"fastmvit: model instance {self.name} hit a device error and cannot serve any "
+                                 f"more; restart the server")
+        failed = torch.zeros(self.classifier.num_classes)  # placeholder rows of failed images, never sent
+        logits = torch.stack([r if isinstance(r, torch.Tensor) else failed for r in rows])
         scores, indices = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
         labels = self.label_bytes[indices.numpy()]
         start = 0
         for i, n in good:
-            rows = slice(start, start + n)
+            span = slice(start, start + n)
             start += n
+            error = next((r for r in rows[span] if isinstance(r, BaseException)), None)
+            if error is not None:  # one of its images failed: the request fails, alone
+                refusal = refusal_for(error)
+                code = pb_utils.TritonError.UNAVAILABLE if refusal.retry else pb_utils.TritonError.INTERNAL
+                responses[i] = self._error(self.unusable if refusal.fatal else f"fastmvit: {refusal.message}", code)
+                continue
             responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor.from_dlpack("logits", to_dlpack(logits[rows].contiguous())),
-                pb_utils.Tensor.from_dlpack("topk_indices", to_dlpack(indices[rows].contiguous())),
-                pb_utils.Tensor.from_dlpack("topk_scores", to_dlpack(scores[rows].contiguous())),
-                pb_utils.Tensor("topk_labels", labels[rows]),
+                pb_utils.Tensor.from_dlpack("logits", to_dlpack(logits[span].contiguous())),
+                pb_utils.Tensor.from_dlpack("topk_indices", to_dlpack(indices[span].contiguous())),
+                pb_utils.Tensor.from_dlpack("topk_scores", to_dlpack(scores[span].contiguous())),
+                pb_utils.Tensor("topk_labels", labels[span]),
             ])
         return responses
 

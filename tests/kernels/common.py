@@ -14,7 +14,6 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 FACTOR = 2.0

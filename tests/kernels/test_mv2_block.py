@@ -119,16 +119,36 @@ def test_matches_model_block(cin, cout, stride, expand, dtype):
 
 
 def test_fusion_rule():
-    """The documented decisions: within the kernel's limits only; stride-2 early blocks fuse at every
-    batch; stride-1 blocks fuse at batch 1 but not at batch 256 (SiLU recompute on the MUFU pipe)."""
+    """The documented decisions: within the kernel's limits only; small stride-2 early blocks fuse at every
+    batch; stride-1 blocks fuse at batch 1 on the widest map but not at batch 256 (SiLU recompute on the
+    MUFU pipe)."""
     assert not should_fuse(192, 384, 192, 1, batch=1) and not should_fuse(64, 128, 512, 2, batch=1)
-    for cin, hid, cout in ((16, 32, 24), (32, 128, 64), (64, 128, 128)):
+    for cin, hid, cout in ((16, 32, 24), (32, 64, 64)):
         assert all(should_fuse(cin, hid, cout, 2, height=128, width=128, batch=b) for b in (1, 8, 256))
+    assert should_fuse(32, 128, 64, 2, height=128, width=128, batch=256)
     assert should_fuse(16, 32, 16, 1, height=128, width=128, batch=1)
     assert not should_fuse(16, 32, 16, 1, height=128, width=128, batch=256)
-    x = torch.randn(1, 2, 3, 16, device=DEVICE)  # fused=None follows the rule: batch 1 fuses
+    x = torch.randn(1, 2, 3, 16, device=DEVICE)  # fused=None follows the rule: a tiny map at batch 1 fuses
     p = packed(random_weights(16, 32, 16), 1, torch.float32)
     torch.testing.assert_close(inverted_residual(x, p), inverted_residual(x, p, fused=True))
+
+
+def test_fusion_rule_sees_small_grids_with_long_serial_loops(monkeypatch):
+    """MobileViT-S at batch 1, 256x256: the fused kernel of stages 3, 4 and 5 would run 16 CTAs x 72
+    serial steps, 4 x 108 and 1 x 144 (the review's counts); the latency term keeps them unfused. Without
+    it (STEP_FUSED = 0) the roofline alone fuses stage 5, as the rule did before."""
+    import fastmvit.ops.mv2_block as mb
+
+    stages = {(64, 256, 96, 64): (16, 72), (96, 384, 128, 32): (4, 108), (128, 512, 160, 16): (1, 144)}
+    for (cin, hid, cout, side), (ctas, steps) in stages.items():
+        assert mb.kernel_shapes(cin, hid, cout, 2, height=side, width=side, batch=1)["fused"][:2] == (ctas, steps)
+        est = mb.fusion_estimate(cin, hid, cout, 2, height=side, width=side, batch=1)
+        assert est["fused_latency"] == pytest.approx(steps * mb.STEP_FUSED)
+        assert est["fused"] > est["unfused"] and not should_fuse(cin, hid, cout, 2, height=side, width=side, batch=1)
+    assert mb.latency(mb.SMS + 1, 10, 1.0) == 20 and mb.latency(2 * mb.SMS, 10, 1.0, ctas_per_sm=2) == 10
+    monkeypatch.setattr(mb, "STEP_FUSED", 0.0)
+    est = mb.fusion_estimate(128, 512, 160, 2, height=16, width=16, batch=1)
+    assert est["fused"] < 4e-6 and est["fused"] <= mb.FUSE_MARGIN * est["unfused"]
 
 
 def test_bad_arguments_raise_clearly():

@@ -53,6 +53,7 @@ def server(checkpoint, tmp_path_factory):
            "--max-batch-size", str(MAX_BATCH), "--batch-timeout-ms", "50", "--max-body-bytes", str(MAX_BODY),
            "--log-level", "warning"]
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["OMP_NUM_THREADS"] = "1"  # see test_litserve_faults.py: spinning OpenMP threads on a shared CPU
     proc = ServerProcess(cmd, env=env, log_path=str(tmp_path_factory.mktemp("litserve") / "server.log"),
                          name="litserve").start()
     try:

@@ -41,7 +41,7 @@ class FakeTensor:
 
 
 class FakeError:
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+    INVALID_ARG, INTERNAL, UNAVAILABLE = "INVALID_ARG", "INTERNAL", "UNAVAILABLE"
 
     def __init__(self, message, code):
         self.message, self.code = message, code
@@ -141,3 +141,37 @@ def test_execute_runs_good_requests_in_one_forward_and_refuses_bad_ones(triton_m
     for i, mentions in [(1, "truncated"), (3, "image 1: image of 1x1"), (4, "exactly one"), (5, "NaN")]:
         assert responses[i].error.code == "INVALID_ARG" and mentions in responses[i].error.message
         assert not responses[i].outputs
+
+
+def test_execute_answers_each_request_when_the_forward_fails(triton_model, tmp_path, checkpoint, images,
+                                                              monkeypatch):
+    """Out of memory above 2 images (injected): the batch is split and every request answered (an image that
+    never fits: tests/serving/test_faults.py); a device fault answers UNAVAILABLE, and every later request
+    at once, without touching the poisoned device again."""
+    trigger = tmp_path / "device-error"
+    monkeypatch.setenv("FASTMVIT_SERVING_FAULTS", f"oom_above=2,device_error_when={trigger}")
+    model_dir = write_model_repository(tmp_path, MODEL, checkpoint, kind="cpu", max_batch_size=8,
+                                       input_size=INPUT_SIZE, top_k=3)
+    m = triton_model.TritonPythonModel()
+    m.initialize(triton_args(model_dir))
+    forwards = []
+    inner = m.classifier.forward
+    m.classifier.forward = lambda x: forwards.append(x.shape[0]) or inner(x)
+    data = list(images.values())
+    requests = [{"image_bytes": FakeTensor("image_bytes", np.array([[d]], np.object_))} for d in data[:5]]
+    responses = m.execute(requests)
+    assert forwards == [2, 1, 2]  # 5 -> 3 + 2 -> (2 + 1) + 2: the injected OOM fires before the real forward
+    ref = reference_logits(checkpoint, data[:5])
+    for resp, row in zip(responses, ref):
+        assert resp.error is None
+        torch.testing.assert_close(torch.from_numpy(resp.outputs["logits"][0]), row, rtol=1e-4,
+                                   atol=2e-3 * float(row.std()))
+
+    trigger.touch()
+    forwards.clear()
+    responses = m.execute(requests[:2])
+    assert [r.error.code for r in responses] == ["UNAVAILABLE"] * 2
+    assert all("device error" in r.error.message for r in responses)
+    responses = m.execute(requests[:3])
+    assert [r.error.code for r in responses] == ["UNAVAILABLE"] * 3 and forwards == []
+    assert all("cannot serve any more" in r.error.message for r in responses)

@@ -1,0 +1,68 @@
+"""The CPU engine of one model on one runtime: built once per input signature, called many times."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from .export import exported_onnx, weights_fingerprint
+from .runtimes import RUNTIMES, Compiled, problem
+
+# Built graphs kept per model and runtime, each with its own copy of the weights: a server that sees many
+# image sizes keeps the most recently used ones.
+MAX_SIGNATURES = 8
+
+
+class CpuEngine:
+    """``engine.run(model, x)``: CPU images [B, 3, H, W] (already checked by ``model.check_input``) ->
+    logits [B, num_classes] in x's dtype, computed by ``runtime`` on the graph exported from ``model``.
+
+    Built per signature (height, width, dtype, numerics; one build serves every batch size), at most
+    MAX_SIGNATURES kept; the graph is exported once per (weights, numerics, height, width) and kept on disk."""
+
+    def __init__(self, runtime: str):
+        why = problem(runtime)
+        if why:
+            raise RuntimeError(f"backend={runtime!r}: {why}")
+        self.runtime = RUNTIMES[runtime]
+        self._built: "OrderedDict[tuple, Compiled]" = OrderedDict()
+        self._fingerprint: Optional[str] = None  # of the weights this engine was created with
+        self._lock = threading.Lock()
+
+    def run(self, model, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in self.runtime.supported_dtypes():
+            raise RuntimeError(
+                f"backend={self.runtime.name!r} cannot compute in {x.dtype} on this CPU (it supports "
+                f"{', '.join(map(str, self.runtime.supported_dtypes()))}); use model.float(), or backend='torch' "
+                f"or 'auto' (which run the plain PyTorch modules for this dtype)")
+        H, W = x.shape[-2:]
+        key = (H, W, x.dtype, model.numerics)
+        compiled = self._built.get(key)
+        if compiled is None:
+            compiled = self._build(model, key)
+        else:
+            try:
+                self._built.move_to_end(key)  # most recently used: evicted last
+            except KeyError:
+                pass  # another thread evicted it meanwhile; this call still holds the compiled graph
+        out = compiled(x.detach().to(torch.float32).contiguous().numpy())
+        return torch.from_numpy(out).to(x.dtype)
+
+    def _build(self, model, key: tuple) -> Compiled:
+        with self._lock:
+            compiled = self._built.get(key)
+            if compiled is None:
+                if self._fingerprint is None:
+                    self._fingerprint = weights_fingerprint(model)
+                path = exported_onnx(model, self._fingerprint, key[:2])
+                compiled = self.runtime.compile(path, key[2])
+                self._built[key] = compiled
+                while len(self._built) > MAX_SIGNATURES:
+                    self._built.popitem(last=False)
+        return compiled
+
+    def signatures(self) -> list:
+        """The signatures built so far, least recently used first (for tests and ``info``)."""
+        return list(self._built)

@@ -1,0 +1,100 @@
+"""fastmvit's own module tree exported to ONNX, once per (weights, numerics, input height and width), and
+kept on disk so that the next process starts without exporting again.
+
+The exported graph is the reference forward itself (BatchNorm unfolded: ONNX Runtime and OpenVINO fold it
+when they load the graph), with a dynamic batch axis. Height and width are fixed per export because the
+forward's odd-size handling (v1's resize around the transformer, v2's two odd-size conventions) is Python
+control flow on the shapes, which a trace records for one size only.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Tuple
+
+import torch
+from torch import nn
+
+# Bump when the exported graph changes for the same weights (a different wrapper, opset or exporter).
+EXPORT_VERSION = 1
+OPSET = 17
+# Each artefact holds the weights (10-80 MB): keep the most recently used few.
+MAX_FILES_ON_DISK = 32
+
+_export_lock = threading.Lock()  # the TorchScript tracer is not thread-safe
+
+
+def cache_dir() -> Path:
+    """``$FASTMVIT_CACHE/cpu`` (default ``~/.cache/fastmvit/cpu``)."""
+    from ..weights.hub import cache_dir as fastmvit_cache
+
+    return fastmvit_cache() / "cpu"
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter and buffer (names, dtypes, shapes, bytes): what the exported graph embeds."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class _ReferenceForward(nn.Module):
+    """The model's plain-PyTorch forward, whatever its ``backend`` (tracing ``model`` itself would dispatch)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x))
+
+
+def artefact_name(model, fingerprint: str, size: Tuple[int, int]) -> str:
+    key = "|".join(map(str, (EXPORT_VERSION, OPSET, torch.__version__, model.variant.name, model.num_classes,
+                             model.numerics, size, fingerprint)))
+    return f"{model.variant.name}-{size[0]}x{size[1]}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.onnx"
+
+
+def exported_onnx(model, fingerprint: str, size: Tuple[int, int]) -> str:
+    """Path of the ONNX graph of ``model`` for [B, 3, *size] float32 inputs: from the disk cache, or exported
+    now (from a float32 copy when the model is in another dtype) and written there atomically."""
+    directory = cache_dir()
+    path = directory / artefact_name(model, fingerprint, size)
+    if path.is_file():
+        os.utime(path)  # most recently used: the last to be pruned
+        return str(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    with _export_lock, torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns at every Python decision on a shape (input checks, odd-size branches): each is
+        # meant to be fixed per export, which is why height and width are part of the artefact's key.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # The TorchScript exporter is deprecated (see below for why it is used); its notes say so at each call.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        source = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+        example = torch.zeros(2, 3, *size, device="cpu")
+        # The TorchScript exporter: it exports a MobileViT in seconds where the torch.export-based one takes
+        # ten times longer on a small CPU, and its dynamic batch axis covers every batch size.
+        torch.onnx.export(_ReferenceForward(source), (example,), str(tmp), dynamo=False,
+                          input_names=["images"], output_names=["logits"], opset_version=OPSET,
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    os.replace(tmp, path)
+    _prune(directory)
+    return str(path)
+
+
+def _prune(directory: Path) -> None:
+    files = sorted(directory.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in files[MAX_FILES_ON_DISK:]:
+        try:
+            old.unlink()
+        except OSError:
+            pass  # another process pruned it first
