@@ -75,12 +75,17 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # once (pytest's --dist loadgroup); every other test is handed to whichever worker is free.
 SHARED_SERVER_MODULES = ("test_litserve_server.py", "test_triton_server.py", "test_litserve_faults.py",
                          "test_triton_faults.py")
+# The modules whose tests take longest (whole models under the interpreter, compiling the CUDA binding):
+# handed out first, so that the short tests fill in around them instead of one worker finishing alone.
+LONG_MODULES = ("test_engine.py", "test_csrc.py")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SHARED_SERVER_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike, a module's tests stay together
+        items.sort(key=lambda item: item.path.name not in LONG_MODULES)
 
 
 # timm imports torchvision, which has no build that loads with the CPU torch: make its pure-Python parts

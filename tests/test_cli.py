@@ -62,7 +62,8 @@ def test_predict_without_weights_offline_explains(checkpoint_and_images, tmp_pat
              env={"FASTMVIT_CACHE": str(tmp_path), "HF_HUB_CACHE": str(tmp_path)})
     assert r.returncode == 2
     # the command line's remedies (--weights, --random), not the Python API's (pretrained=False)
-    assert "error: pretrained weights for 's'" in r.stderr and "--random" in r.stderr
+    assert "error: pretrained weights for 's'" in r.stderr and "--random" in r.stderr and "--weights" in r.stderr
+    assert "pretrained=False" not in r.stderr
     assert "Traceback" not in r.stderr
 
 

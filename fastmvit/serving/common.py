@@ -22,6 +22,7 @@ import torch
 from ..errors import InputError
 from ..model import MIN_INPUT_SIZE
 from ..preprocess import PreprocessConfig, imagenet_classes, load_image, preprocess, topk
+from ..variants import get_variant
 
 __all__ = [
     "InputLimits", "RequestError", "ImageDecoder", "Classifier", "default_batch_sizes", "resolve_device",
@@ -265,6 +266,7 @@ class Classifier:
         ``progress`` is told what is loading (default: a line on stderr; None for silence)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        model = get_variant(model).name  # a bad name fails here, before any progress line
         start = time.perf_counter()
         what = f"weights {weights}" if weights is not None else ("random weights" if not pretrained else
                                                                   "pretrained weights")

@@ -64,7 +64,19 @@ def cache_dir() -> Path:
 # One short attempt to reach the hub before downloading: huggingface_hub retries a failed request five
 # times with backoff (about 30 s per file) and prints a warning each time; offline, that is a minute of
 # noise before the error. A connection refused fails at once; an unroutable address after this timeout.
-HUB_TIMEOUT_S = float(os.environ.get("FASTMVIT_HUB_TIMEOUT", "5"))
+HUB_TIMEOUT_S = 5.0
+
+
+def hub_timeout() -> float:
+    """Seconds the one request to the hub may take: $FASTMVIT_HUB_TIMEOUT, else HUB_TIMEOUT_S."""
+    text = os.environ.get("FASTMVIT_HUB_TIMEOUT", "").strip()
+    try:
+        value = float(text) if text else HUB_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise OptionError(f"FASTMVIT_HUB_TIMEOUT must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def _remedies(variant: Variant, pw: PretrainedWeights) -> Dict[str, List[str]]:
@@ -123,21 +135,23 @@ def _download(pw: PretrainedWeights) -> Tuple[Optional[str], str]:
     """``(path, "")`` once a file of ``pw`` is downloaded, else ``(None, why not)``. Each file is first
     asked for with one short request; only a file the hub has is handed to ``hf_hub_download``."""
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
-    missing, endpoint = [], _endpoint()
+    missing, endpoint, timeout = [], _endpoint(), hub_timeout()
     for filename in pw.filenames:
         url = huggingface_hub.hf_hub_url(pw.repo_id, filename, endpoint=endpoint)
         try:
-            huggingface_hub.get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S)
+            huggingface_hub.get_hf_file_metadata(url, timeout=timeout)
         except EntryNotFoundError:
             missing.append(filename)  # the repository lacks this file: try the next name
             continue
-        except Exception as e:  # unreachable, timed out, refused, gated: the other files would fare no better
+        except HfHubHTTPError as e:  # it answered, with a refusal (gated, no such repository, ...)
+            return None, f"the hub at {endpoint} refused {filename} ({_first_line(e)})"
+        except Exception as e:  # unreachable, timed out, refused connection: the other files would fare alike
             return None, f"the hub at {endpoint} did not answer ({_first_line(e)})"
         try:
             return huggingface_hub.hf_hub_download(pw.repo_id, filename, endpoint=endpoint,
-                                                   etag_timeout=HUB_TIMEOUT_S), ""
+                                                   etag_timeout=timeout), ""
         except Exception as e:  # the connection broke during the download, the disk is full, ...
             return None, f"downloading {filename} failed ({_first_line(e)})"
     return None, f"the repository has none of {', '.join(missing)}"
