@@ -106,9 +106,10 @@ def _split_ray_address(argv: List[str]) -> List[str]:
 
 def _check_model_options(args) -> None:
     from ..api import parse_device
+    from ..segmentation import is_segmentation_name, segmentation_variant
     from ..variants import get_variant
 
-    get_variant(args.model)
+    (segmentation_variant if is_segmentation_name(args.model) else get_variant)(args.model)
     parse_device(args.device)
 
 
