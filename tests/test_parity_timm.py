@@ -16,7 +16,7 @@ import torch
 import fastmvit
 from fastmvit.variants import VARIANTS
 
-from .utils import FACTOR, REL_FLOOR, assert_images_apart, image_sensitive_, max_err, randomize_, varied_images
+from .utils import FACTOR, photo, REL_FLOOR, assert_images_apart, image_sensitive_, max_err, randomize_, varied_images
 
 timm = pytest.importorskip("timm", reason="timm is not installed: run .ci/setup_timm.sh")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -133,23 +133,13 @@ def test_stage_features_match_timm_intermediates(name):
 PHOTO_SIZES = [(435, 288), (281, 199), (199, 281), (301, 257), (284, 200), (257, 290), (500, 333)]
 
 
-def _photo(width, height, seed):
-    """A smooth image with texture: a crop or resize off by one pixel changes it everywhere."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (width + height)], -1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8), "RGB")
-
-
 @pytest.fixture(scope="module")
 def photo_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("photos")
     files = []
     for i, (w, h) in enumerate(PHOTO_SIZES):
         path = root / f"img{i}.{'jpg' if i % 2 else 'png'}"
-        _photo(w, h, i).save(path, **({"quality": 90} if path.suffix == ".jpg" else {}))
+        photo(w, h, i).save(path, **({"quality": 90} if path.suffix == ".jpg" else {}))
         files.append(path)
     return files
 

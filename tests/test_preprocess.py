@@ -9,15 +9,9 @@ from PIL import Image
 
 from fastmvit import InputError, PreprocessConfig, imagenet_classes, load_image, preprocess, topk
 
+from .utils import photo
+
 SIZES = [(320, 240), (200, 300), (256, 256), (501, 333), (281, 199)]  # (width, height)
-
-
-def _photo(width, height, seed):
-    """A smooth image with texture (resampling differences show up on both)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (width + height)], -1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8), "RGB")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +20,7 @@ def image_files(tmp_path_factory):
     files = []
     for i, (w, h) in enumerate(SIZES):
         path = root / f"img{i}.{'jpg' if i % 2 == 0 else 'png'}"
-        _photo(w, h, i).save(path, quality=90) if path.suffix == ".jpg" else _photo(w, h, i).save(path)
+        photo(w, h, i).save(path, quality=90) if path.suffix == ".jpg" else photo(w, h, i).save(path)
         files.append(path)
     return files
 
@@ -68,7 +62,7 @@ def test_batch_and_channel_order(image_files):
 def test_crop_rounding_follows_torchvision():
     """torchvision's (timm's) centre crop rounds the offset, HF's floors it: a 435-wide margin of 179
     starts at round(89.5) = 90 in one and 89 in the other."""
-    img = _photo(435, 288, 5)
+    img = photo(435, 288, 5)
     a = preprocess(img, PreprocessConfig(crop_rounding="round"))
     b = preprocess(img, PreprocessConfig(crop_rounding="floor"))
     torch.testing.assert_close(a[..., :-1], b[..., 1:], rtol=0, atol=0)
@@ -85,7 +79,7 @@ def test_hf_processor_config_is_read():
 
 def _jpeg_bytes(w=64, h=48):
     buf = io.BytesIO()
-    _photo(w, h, 0).save(buf, format="JPEG")
+    photo(w, h, 0).save(buf, format="JPEG")
     return buf.getvalue()
 
 

@@ -139,3 +139,14 @@ def hf_segmentation_model(variant, output_stride: int = 16, num_labels: int = 21
     cls = (transformers.MobileViTForSemanticSegmentation if variant.family == "v1"
            else transformers.MobileViTV2ForSemanticSegmentation)
     return cls(hf_config(variant, num_labels, output_stride=output_stride, **options)).eval()
+
+
+def photo(width, height, seed):
+    """A smooth RGB PIL image with texture: a crop or resize off by one pixel changes it everywhere."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (width + height)], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8), "RGB")
