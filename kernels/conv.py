@@ -1,4 +1,5 @@
-"""Dense 3x3 convolution (padding 1) + folded-BN bias + optional SiLU as an implicit GEMM on tensor cores.
+"""Dense 3x3 convolution (padding = dilation) + folded-BN bias + optional SiLU or ReLU as an implicit GEMM on
+tensor cores.
 
 The GEMM is ``[M = B*OH*OW pixels, K = 9 * Cin] @ [K, Cout]``; the A tile of a tap is the input pixels
 under that tap, loaded straight from the NHWC activation (zero outside the map), so no im2col buffer
@@ -9,7 +10,9 @@ exists. Three MobileViT uses:
   input strides are arbitrary, so NCHW is just another set of strides;
 * the v1 block's local conv (C -> C, C = 48 ... 160);
 * the v1 fusion conv over the channel concatenation ``[x, x2]`` (2C -> C): the K loop runs over x's
-  channels, then x2's (``HAS_X2``), so the concatenation never exists in memory.
+  channels, then x2's (``HAS_X2``), so the concatenation never exists in memory;
+* DeepLabV3's atrous ASPP branches (conv-BN-ReLU, dilation 6/12/18 ...). The dilation is a run-time
+  argument (``DIL``, never specialised): one compiled kernel serves every rate.
 
 Weights arrive packed ``[9 * (C1 + C2), Cout]`` (row = tap * (C1 + C2) + input channel) in the
 activation dtype; the bias is float32.
@@ -29,7 +32,7 @@ FLAT_K_MAX_CIN = 7  # 9 * 7 = 63 taps x channels fit one BLOCK_K = 64 gathered t
 
 
 @triton.jit
-def _implicit_gemm_pass(acc, x_b, sh, sw, C, c_off, CT, w_ptr, n, n_ok, COUT, ih0, iw0, m_ok, H, W, rk,
+def _implicit_gemm_pass(acc, x_b, sh, sw, C, c_off, CT, w_ptr, n, n_ok, COUT, ih0, iw0, m_ok, H, W, rk, DIL,
                         BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     """acc += sum over taps and this input's C channels of x[pixel under tap, c] * w[tap * CT + c_off + c, n].
     x_b: [BLOCK_M] pointers to each pixel's image; ih0/iw0: the top-left tap's coordinates."""
@@ -37,8 +40,8 @@ def _implicit_gemm_pass(acc, x_b, sh, sw, C, c_off, CT, w_ptr, n, n_ok, COUT, ih
     for i in range(0, 9 * nk):
         tap = i // nk
         k0 = (i - tap * nk) * BLOCK_K
-        ih = ih0 + tap // 3
-        iw = iw0 + tap % 3
+        ih = ih0 + (tap // 3) * DIL
+        iw = iw0 + (tap % 3) * DIL
         ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         kk = k0 + rk
         k_ok = kk < C
@@ -50,12 +53,13 @@ def _implicit_gemm_pass(acc, x_b, sh, sw, C, c_off, CT, w_ptr, n, n_ok, COUT, ih
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["DIL"])
 def _conv3x3_kernel(
     x_ptr, x2_ptr, w_ptr, b_ptr, y_ptr,
     H, W, C1, C2, COUT, OH, OW, M,
     sxb, sxh, sxw, sxc,                       # x strides in elements, logical (b, h, w, c) order
     s2b, s2h, s2w,                            # x2 strides (channels contiguous)
+    DIL,                                      # dilation (= padding), a run-time value
     STRIDE: tl.constexpr, ACT: tl.constexpr, HAS_X2: tl.constexpr, FLAT_K: tl.constexpr,
     VEC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -80,8 +84,8 @@ def _conv3x3_kernel(
     ow = m % OW
     oh = (m // OW) % OH
     b = (m // (OW * OH)).to(tl.int64)
-    ih0 = oh * STRIDE - 1
-    iw0 = ow * STRIDE - 1
+    ih0 = oh * STRIDE - DIL
+    iw0 = ow * STRIDE - DIL
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if FLAT_K:
@@ -91,8 +95,8 @@ def _conv3x3_kernel(
         kh = tap // 3
         kw = tap - kh * 3
         k_ok = rk < 9 * C1
-        ih = ih0[:, None] + kh[None, :]
-        iw = iw0[:, None] + kw[None, :]
+        ih = ih0[:, None] + kh[None, :] * DIL
+        iw = iw0[:, None] + kw[None, :] * DIL
         ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         off = b[:, None] * sxb + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw + ci[None, :].to(tl.int64) * sxc
         a = tl.load(x_ptr + off, mask=ok, other=0.0)
@@ -103,13 +107,15 @@ def _conv3x3_kernel(
         # rather than nine short ones (C = 48 is three chunks of 16), and a fraction of the compile time.
         CT = C1 + C2
         acc = _implicit_gemm_pass(acc, x_ptr + b * sxb, sxh, sxw, C1, 0, CT, w_ptr, n, n_ok, COUT, ih0, iw0, m_ok,
-                                  H, W, rk, BLOCK_K, PREC)
+                                  H, W, rk, DIL, BLOCK_K, PREC)
         if HAS_X2:  # channels [C1, C1 + C2) of the virtual concatenation
             acc = _implicit_gemm_pass(acc, x2_ptr + b * s2b, s2h, s2w, C2, C1, CT, w_ptr, n, n_ok, COUT, ih0, iw0,
-                                      m_ok, H, W, rk, BLOCK_K, PREC)
+                                      m_ok, H, W, rk, DIL, BLOCK_K, PREC)
     acc += tl.load(b_ptr + n, mask=n_ok, other=0.0)[None, :]
-    if ACT:
+    if ACT == "silu":
         acc = silu(acc)
+    elif ACT == "relu":
+        acc = tl.maximum(acc, 0.0)
     y_off = m.to(tl.int64)[:, None] * COUT + n[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -150,12 +156,24 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
     return bm, bn, bk, (8 if bm * bn >= 128 * 128 else 4), (2 if fp32 else 3)
 
 
+ACTS = ("none", "silu", "relu")
+
+
+def act_name(act) -> str:
+    """The kernel's ``ACT``: True (SiLU, MobileViT's) / False (none), or one of ``ACTS`` by name."""
+    name = act if isinstance(act, str) else {True: "silu", False: "none"}.get(act)
+    if name not in ACTS:
+        raise ValueError(f"conv3x3: act must be a bool or one of {ACTS}, got {act!r}")
+    return name
+
+
 def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
-                 x2: Optional[torch.Tensor], y_shape: Tuple[int, int, int, int], stride: int, act: bool) -> Launch:
+                 x2: Optional[torch.Tensor], y_shape: Tuple[int, int, int, int], stride: int, act,
+                 dilation: int = 1) -> Launch:
     """The launch for tensors like these (metadata only): ``plan(x, x2 or x, w, bias, y)`` writes a
     contiguous ``y [B, OH, OW, Cout]``. x holds ``c1`` channels of an ``H x W`` map with strides
     ``x_strides`` in logical (b, h, w, c) order (an NCHW tensor passes ``(s0, s2, s3, s1)``); ``x2`` is
-    the NHWC second input of the fusion conv, or None."""
+    the NHWC second input of the fusion conv, or None. ``act``: see ``act_name``; padding = ``dilation``."""
     B, OH, OW, cout = y_shape
     c2 = x2.shape[-1] if x2 is not None else 0
     M = B * OH * OW
@@ -166,16 +184,16 @@ def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, 
     vec = vec_width(x.dtype, cout) if flat else vec_width(x.dtype, cout, c1, c2, sxb, sxh, sxw, *s2)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
     grid = (triton.cdiv(M, bm), triton.cdiv(cout, bn))
-    return Launch(_conv3x3_kernel, grid, (H, W, c1, c2, cout, OH, OW, M, sxb, sxh, sxw, sxc, *s2),
-                  STRIDE=stride, ACT=act, HAS_X2=x2 is not None, FLAT_K=flat, VEC=vec, PREC=prec,
+    return Launch(_conv3x3_kernel, grid, (H, W, c1, c2, cout, OH, OW, M, sxb, sxh, sxw, sxc, *s2, dilation),
+                  STRIDE=stride, ACT=act_name(act), HAS_X2=x2 is not None, FLAT_K=flat, VEC=vec, PREC=prec,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
 def conv3x3_launch(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
                    x2: Optional[torch.Tensor], w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                   stride: int, act: bool) -> torch.Tensor:
+                   stride: int, act, dilation: int = 1) -> torch.Tensor:
     """Launch (traceably) into a preallocated contiguous ``y [B, OH, OW, Cout]``; see ``conv3x3_plan``."""
-    conv3x3_plan(x, x_strides, H, W, c1, x2, tuple(y.shape), stride, act).traced(
+    conv3x3_plan(x, x_strides, H, W, c1, x2, tuple(y.shape), stride, act, dilation).traced(
         x, x2 if x2 is not None else x, w, bias, y)
     return y
 
@@ -186,7 +204,10 @@ def conv3x3_launch(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int
 
 def conv3x3_uses(size: int = 256) -> List[Tuple[str, int, int, int, int, int]]:
     """(kind, C1, C2, Cout, stride, output pixels per image) of every dense 3x3 in the released variants
-    at ``size`` x ``size``: "stem", "local" (v1 conv_kxk) and "fusion" (v1 conv_fusion)."""
+    at ``size`` x ``size``: "stem", "local" (v1 conv_kxk) and "fusion" (v1 conv_fusion); and "aspp", the
+    atrous branches of the DeepLabV3 head (ReLU; any dilation) at ``2 * size`` (segmentation's 512 for
+    256), output stride 16."""
+    from fastmvit.model.segmentation import SegmentationConfig
     from fastmvit.variants import VARIANTS
 
     uses = set()
@@ -198,6 +219,8 @@ def conv3x3_uses(size: int = 256) -> List[Tuple[str, int, int, int, int, int]]:
             if s.transformer is not None and v.family == "v1":
                 uses.add(("local", s.out_channels, 0, s.out_channels, 1, hw * hw))
                 uses.add(("fusion", s.out_channels, s.out_channels, s.out_channels, 1, hw * hw))
+        seg = 2 * size // 16
+        uses.add(("aspp", v.stage_channels[-1], 0, SegmentationConfig().channels_for(v), 1, seg * seg))
     return sorted(uses)
 
 
@@ -211,7 +234,7 @@ def compile_configs() -> List[CompileConfig]:
                 bm, bn, bk, warps, stages = conv3x3_config(c1, c2, cout, batch * pixels, dtype, flat, interpret=False)
                 vec = vec_width(dtype, cout) if flat else vec_width(dtype, cout, c1, c2)
                 prec = "ieee" if dtype == torch.float32 else "tf32"
-                const = {"STRIDE": stride, "ACT": True, "HAS_X2": bool(c2), "FLAT_K": flat, "VEC": vec,
+                const = {"STRIDE": stride, "ACT": "relu" if kind == "aspp" else "silu", "HAS_X2": bool(c2), "FLAT_K": flat, "VEC": vec,
                          "PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
                 key = (tuple(sorted(const.items())), name, warps, stages)
                 if key in seen:
@@ -220,7 +243,7 @@ def compile_configs() -> List[CompileConfig]:
                 sig = {"x_ptr": f"*{name}", "x2_ptr": f"*{name}", "w_ptr": f"*{name}", "b_ptr": "*fp32",
                        "y_ptr": f"*{name}"}
                 sig.update({a: "i32" for a in ("H", "W", "C1", "C2", "COUT", "OH", "OW", "M", "sxb", "sxh", "sxw",
-                                               "sxc", "s2b", "s2h", "s2w")})
+                                               "sxc", "s2b", "s2h", "s2w", "DIL")})
                 sig.update({k: "constexpr" for k in const})
                 aligned = ["x_ptr", "x2_ptr", "w_ptr", "b_ptr", "y_ptr"]
                 aligned += [a for a, v in (("C1", c1), ("C2", c2), ("COUT", cout)) if v % 16 == 0]

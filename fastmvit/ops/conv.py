@@ -1,4 +1,5 @@
-"""``fastmvit::conv3x3``: dense 3x3 convolution (padding 1) + folded-BN bias + optional SiLU, NHWC out.
+"""``fastmvit::conv3x3``: dense 3x3 convolution (padding = dilation) + folded-BN bias + optional SiLU or ReLU,
+NHWC out.
 
 Public API (the engine's contract)::
 
@@ -8,6 +9,8 @@ Public API (the engine's contract)::
     y = conv3x3(x, w, b, stride=1, act=True)                      # x [B, H, W, Cin] NHWC
     y = conv3x3(images, w, b, stride=2, act=True, input_nchw=True)  # stem: x [B, 3, H, W] NCHW, in place
     y = conv3x3(x, w, b, stride=1, act=True, x2=x2)               # v1 fusion conv on cat([x, x2], channels)
+    y = conv3x3(x, w, b, stride=1, act="relu", dilation=12)       # an ASPP branch: padding = dilation
+    #   act: True / "silu", False / "none", or "relu"
     #   x2 [B, H, W, C2]; w packed from the [Cout, C1 + C2, 3, 3] weight, x's channels first
     #   y [B, OH, OW, Cout] contiguous, x.dtype; OH = (H - 1) // stride + 1
     y_ref = conv3x3_reference(x, w, b, stride=..., act=..., x2=None, input_nchw=False)
@@ -56,7 +59,7 @@ def _logical(x: torch.Tensor, input_nchw: bool) -> Tuple[int, int, int, int, Tup
     return B, H, W, C, tuple(x.stride())
 
 
-def _check(x, w, bias, stride, x2, input_nchw):
+def _check(x, w, bias, stride, x2, input_nchw, dilation=1):
     check_nhwc("conv3x3", x)
     B, H, W, c1, _ = _logical(x, input_nchw)
     c2 = 0
@@ -75,16 +78,18 @@ def _check(x, w, bias, stride, x2, input_nchw):
         raise ValueError(f"conv3x3: expected a float32 bias [{w.shape[1]}], got {bias.dtype} {list(bias.shape)}")
     if stride not in (1, 2):
         raise ValueError(f"conv3x3: stride must be 1 or 2, got {stride}")
+    if not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"conv3x3: dilation must be a positive int, got {dilation!r}")
     if not (x.device == w.device == bias.device):
         raise ValueError(f"conv3x3: x, w and bias must share a device, got {x.device}, {w.device}, {bias.device}")
 
 
-def _plan(x, w, bias, x2, stride, act, input_nchw) -> "ConvPlan":
-    _check(x, w, bias, stride, x2, input_nchw)
+def _plan(x, w, bias, x2, stride, act, input_nchw, dilation=1) -> "ConvPlan":
+    _check(x, w, bias, stride, x2, input_nchw, dilation)
     B, H, W, c1, strides = _logical(x, input_nchw)
     y_shape = (B, out_size(H, stride), out_size(W, stride), w.shape[1])
     empty = B * y_shape[1] * y_shape[2] * y_shape[3] == 0
-    launch = None if empty else _k.conv3x3_plan(x, strides, H, W, c1, x2, y_shape, stride, act)
+    launch = None if empty else _k.conv3x3_plan(x, strides, H, W, c1, x2, y_shape, stride, act, dilation)
     return ConvPlan(launch, y_shape, x.dtype, x.device, poisoning())
 
 
@@ -109,8 +114,8 @@ class ConvPlan:
 
 @triton_op("fastmvit::conv3x3", mutates_args=())
 def _conv3x3_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, x2: Optional[torch.Tensor], *,
-                stride: int, act: bool, input_nchw: bool) -> torch.Tensor:
-    return _plan(x, w, bias, x2, stride, act, input_nchw)(x, w, bias, x2=x2, traced=True)
+                stride: int, act: str, input_nchw: bool, dilation: int = 1) -> torch.Tensor:
+    return _plan(x, w, bias, x2, stride, act, input_nchw, dilation)(x, w, bias, x2=x2, traced=True)
 
 
 inference_only(_conv3x3_op, "fastmvit::conv3x3")
@@ -130,33 +135,37 @@ def _prepare(x, x2, input_nchw: bool):
     return x, x2, input_nchw
 
 
-def conv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act: bool,
-            x2: Optional[torch.Tensor] = None, input_nchw: bool = False) -> torch.Tensor:
-    """Dense 3x3, padding 1, + bias, then SiLU if ``act``. See the module docstring for shapes."""
+def conv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act,
+            x2: Optional[torch.Tensor] = None, input_nchw: bool = False, dilation: int = 1) -> torch.Tensor:
+    """Dense 3x3, padding = dilation, + bias, then the activation ``act``. See the module docstring."""
     x, x2, input_nchw = _prepare(x, x2, input_nchw)
-    return _conv3x3_op(x, w, bias, x2, stride=stride, act=act, input_nchw=input_nchw)
+    return _conv3x3_op(x, w, bias, x2, stride=stride, act=_k.act_name(act), input_nchw=input_nchw,
+                       dilation=dilation)
 
 
-def conv3x3_plan(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act: bool,
-                 x2: Optional[torch.Tensor] = None, input_nchw: bool = False) -> ConvPlan:
+def conv3x3_plan(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act,
+                 x2: Optional[torch.Tensor] = None, input_nchw: bool = False, dilation: int = 1) -> ConvPlan:
     """``conv3x3``'s checks and launch configuration, done once for tensors with these shapes, strides,
     dtypes and devices: the plan, called with the same arguments, launches without the op dispatch."""
     xp, x2p, nchw = _prepare(x, x2, input_nchw)
-    plan = _plan(xp, w, bias, x2p, stride, act, nchw)
+    plan = _plan(xp, w, bias, x2p, stride, act, nchw, dilation)
     if xp is not x or x2p is not x2:
         plan.prepare = input_nchw
     return plan
 
 
-def conv3x3_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act: bool,
-                      x2: Optional[torch.Tensor] = None, input_nchw: bool = False) -> torch.Tensor:
+def conv3x3_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act,
+                      x2: Optional[torch.Tensor] = None, input_nchw: bool = False, dilation: int = 1) -> torch.Tensor:
     """Plain PyTorch, computed in ``x.dtype`` (weights cast to it); the concatenation is materialised."""
     xn = x if input_nchw else x.permute(0, 3, 1, 2)
     if x2 is not None:
         xn = torch.cat([xn, x2.permute(0, 3, 1, 2)], dim=1)
     cin, cout = xn.shape[1], w.shape[1]
     weight = w.reshape(3, 3, cin, cout).permute(3, 2, 0, 1).to(x.dtype)
-    y = F.conv2d(xn, weight, bias.to(x.dtype), stride=stride, padding=1)
-    if act:
+    y = F.conv2d(xn, weight, bias.to(x.dtype), stride=stride, padding=dilation, dilation=dilation)
+    act = _k.act_name(act)
+    if act == "silu":
         y = F.silu(y)
+    elif act == "relu":
+        y = F.relu(y)
     return y.permute(0, 2, 3, 1).contiguous()

@@ -119,7 +119,7 @@ def test_gradient_request_raises():
 def test_op_registration():
     x, x2, w, b = make(1, 3, 4, 16, 16, 16, False, torch.float32)
     torch.library.opcheck(torch.ops.fastmvit.conv3x3.default, (x, w, b, x2),
-                          {"stride": 1, "act": True, "input_nchw": False},
+                          {"stride": 1, "act": "silu", "input_nchw": False},
                           test_utils=("test_schema", "test_autograd_registration"))
 
 
@@ -127,7 +127,7 @@ def test_op_registration():
 def test_opcheck_full():
     x, x2, w, b = make(2, 8, 8, 48, 48, 48, False, torch.float16)
     torch.library.opcheck(torch.ops.fastmvit.conv3x3.default, (x, w, b, x2),
-                          {"stride": 1, "act": True, "input_nchw": False})
+                          {"stride": 1, "act": "silu", "input_nchw": False})
 
 
 @needs_gpu
