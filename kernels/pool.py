@@ -22,7 +22,7 @@ __all__ = ["pool_linear", "compile_configs"]
 
 @triton.jit
 def pool_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, B, HW, C, NC, stride_xb, stride_xh, stride_wk,
-                       HAS_BIAS: tl.constexpr, BB: tl.constexpr, BHW: tl.constexpr, BK: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BB: tl.constexpr, BHW: tl.constexpr, BK: tl.constexpr,
                        BN: tl.constexpr, PRECISION: tl.constexpr):
     """x [B, HW, C] (column stride 1), w [C, NC_pad], bias [NC] float32, out [B, NC] float32."""
     offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
@@ -46,6 +46,8 @@ def pool_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, B, HW, C, NC, stride_xb,
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if RELU:  # DeepLabV3's image-pooling branch (1x1 conv-BN-ReLU on the pooled map)
+        acc = tl.maximum(acc, 0.0)
     tl.store(out_ptr + offs_b.to(tl.int64)[:, None] * NC + offs_n[None, :], acc,
              mask=b_ok[:, None] & n_ok[None, :])
 
@@ -80,42 +82,45 @@ class PoolPlan:
         return out
 
 
-def pool_linear_plan(x: torch.Tensor, w: torch.Tensor, n_classes: int, has_bias: bool) -> PoolPlan:
+def pool_linear_plan(x: torch.Tensor, w: torch.Tensor, n_classes: int, has_bias: bool, relu: bool = False) -> PoolPlan:
     """The launch for x [B, HW, C] (column stride 1) and w [C, NC_pad] like these (metadata only)."""
     B, HW, C = x.shape
     BB, BHW, BK, BN, warps = _blocks(B, HW, C, n_classes, w.dtype)
     grid = (triton.cdiv(B, BB), triton.cdiv(n_classes, BN))
     kernel_launch = Launch(pool_linear_kernel, grid, (B, HW, C, n_classes, x.stride(0), x.stride(1), w.stride(0)),
-                           HAS_BIAS=has_bias, BB=BB, BHW=BHW, BK=BK, BN=BN,
+                           HAS_BIAS=has_bias, RELU=relu, BB=BB, BHW=BHW, BK=BK, BN=BN,
                            PRECISION="ieee" if w.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=2)
     return PoolPlan(kernel_launch, (B, n_classes), x.device, poisoning())
 
 
-def pool_linear(x: torch.Tensor, w: torch.Tensor, n_classes: int, bias) -> torch.Tensor:
-    """x [B, HW, C] (column stride 1), w [C, NC_pad] packed -> logits [B, n_classes] float32 (traceably)."""
-    return pool_linear_plan(x, w, n_classes, bias is not None)(x, w, bias, traced=True)
+def pool_linear(x: torch.Tensor, w: torch.Tensor, n_classes: int, bias, relu: bool = False) -> torch.Tensor:
+    """x [B, HW, C] (column stride 1), w [C, NC_pad] packed -> logits [B, n_classes] float32 (traceably),
+    through a ReLU if ``relu``."""
+    return pool_linear_plan(x, w, n_classes, bias is not None, relu)(x, w, bias, traced=True)
 
 
 def _signature(x_type: str, w_type: str) -> dict:
     sig = {"x_ptr": x_type, "w_ptr": w_type, "bias_ptr": "*fp32", "out_ptr": "*fp32"}
     sig.update({k: "i32" for k in ("B", "HW", "C", "NC", "stride_xb", "stride_xh", "stride_wk")})
-    sig.update({k: "constexpr" for k in ("HAS_BIAS", "BB", "BHW", "BK", "BN", "PRECISION")})
+    sig.update({k: "constexpr" for k in ("HAS_BIAS", "RELU", "BB", "BHW", "BK", "BN", "PRECISION")})
     return sig
 
 
 def compile_configs() -> List[CompileConfig]:
     """The classifier after the final map (x in the activation dtype, 8x8 at 256x256) and after the GEMM's
     pooling epilogue (x = pooled float32 features, HW = 1), for each dtype; x's rows 16-divisible (every
-    released variant's final width is) or not."""
+    released variant's final width is) or not. And DeepLabV3's image-pooling branch with its ReLU (the
+    stage-5 map, 32x32 at 512x512; every stage-5 width is 16-divisible); its second product, over the
+    pooled branch, is the HW = 1 classifier."""
     out = []
     for dtype, name in TRITON_DTYPE.items():
-        for x_type, hw in ((f"*{name}", 64), ("*fp32", 1)):
+        for x_type, hw, relu in ((f"*{name}", 64, False), ("*fp32", 1, False), (f"*{name}", 1024, True)):
             BB, BHW, BK, BN, warps = _gpu_blocks(hw, dtype)
-            cons = {"HAS_BIAS": True, "BB": BB, "BHW": BHW, "BK": BK, "BN": BN,
+            cons = {"HAS_BIAS": True, "RELU": relu, "BB": BB, "BHW": BHW, "BK": BK, "BN": BN,
                     "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
             base = ("w_ptr", "bias_ptr", "out_ptr", "stride_wk")
-            for div16, tag in ((base + ("x_ptr", "stride_xb", "stride_xh", "C"), "al"), (base, "w")):
-                out.append(CompileConfig(f"pool_linear-{name}-x{x_type[1:]}-hw{hw}-div16:{tag}",
+            for div16, tag in ((base + ("x_ptr", "stride_xb", "stride_xh", "C"), "al"), (base, "w"))[:1 if relu else 2]:
+                out.append(CompileConfig(f"pool_linear{'_relu' if relu else ''}-{name}-x{x_type[1:]}-hw{hw}-div16:{tag}",
                                                 pool_linear_kernel, _signature(x_type, f"*{name}"), cons, warps, 2,
                                                 aligned=div16))
     return out

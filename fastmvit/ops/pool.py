@@ -14,12 +14,12 @@ from ..kernels import pool as _k
 from ._common import inference_only
 from .gemm import PackedLinear
 
-__all__ = ["pool_linear", "classifier", "classifier_plan", "pool_linear_reference"]
+__all__ = ["pool_linear", "pool_linear_plan", "classifier", "classifier_plan", "pool_linear_reference"]
 
 
 @triton_op("fastmvit::pool_linear", mutates_args={})
-def _pool_linear_op(x: Tensor, w: Tensor, n_classes: int, bias: Optional[Tensor]) -> Tensor:
-    return _k.pool_linear(x, w, n_classes, bias)
+def _pool_linear_op(x: Tensor, w: Tensor, n_classes: int, bias: Optional[Tensor], relu: bool = False) -> Tensor:
+    return _k.pool_linear(x, w, n_classes, bias, relu)
 
 
 inference_only(_pool_linear_op, "fastmvit::pool_linear")
@@ -33,24 +33,48 @@ def _resolve(x3: Tensor, packed: PackedLinear) -> Tensor:
     return x3.contiguous() if x3.stride(2) != 1 else x3
 
 
-def _run(x3: Tensor, packed: PackedLinear) -> Tensor:
-    return torch.ops.fastmvit.pool_linear(_resolve(x3, packed), packed.weight, packed.out_features, packed.bias)
+def _run(x3: Tensor, packed: PackedLinear, relu: bool = False) -> Tensor:
+    return torch.ops.fastmvit.pool_linear(_resolve(x3, packed), packed.weight, packed.out_features, packed.bias,
+                                          relu)
 
 
-def pool_linear(x: Tensor, packed: PackedLinear) -> Tensor:
-    """logits = mean over (H, W) of x, then @ W^T + b.
+def _pooled_rows(x: Tensor) -> Tensor:
+    """x [B, H, W, C] as [B, H * W, C] without a copy where the strides allow."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, H, W, C], got {tuple(x.shape)}")
+    B, H, W, C = x.shape
+    if x.stride(1) != W * x.stride(2):  # H and W must merge into one row index without a copy
+        x = x.contiguous()
+    return x.as_strided((B, H * W, C), (x.stride(0), x.stride(2), x.stride(3)))
+
+
+def pool_linear(x: Tensor, packed: PackedLinear, *, relu: bool = False) -> Tensor:
+    """logits = mean over (H, W) of x, then @ W^T + b (then ReLU if ``relu``: DeepLabV3's image pooling).
 
     x: [B, H, W, C] NHWC (channel stride 1), float32 / float16 / bfloat16 (any; it is pooled in fp32
        and cast to the weights' dtype for the product, as PyTorch's pooled tensor would be).
     packed: ``pack_linear(fc.weight [NC, C], fc.bias)``.
     Returns [B, NC] float32 logits.
     """
-    if x.dim() != 4:
-        raise ValueError(f"x must be [B, H, W, C], got {tuple(x.shape)}")
-    B, H, W, C = x.shape
-    if x.stride(1) != W * x.stride(2):  # H and W must merge into one row index without a copy
-        x = x.contiguous()
-    return _run(x.as_strided((B, H * W, C), (x.stride(0), x.stride(2), x.stride(3))), packed)
+    return _run(_pooled_rows(x), packed, relu)
+
+
+class PoolLinearPlan:
+    """``pool_linear`` resolved once for one x signature."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def __call__(self, x: Tensor, packed: PackedLinear, **_) -> Tensor:
+        return self.plan(_resolve(_pooled_rows(x), packed), packed.weight, packed.bias)
+
+
+def pool_linear_plan(x: Tensor, packed: PackedLinear, *, relu: bool = False) -> PoolLinearPlan:
+    """The checks and launch configuration of ``pool_linear`` for an x like this one, done once."""
+    x3 = _resolve(_pooled_rows(x), packed)
+    return PoolLinearPlan(_k.pool_linear_plan(x3, packed.weight, packed.out_features, packed.bias is not None, relu))
 
 
 def classifier(features: Tensor, packed: PackedLinear) -> Tensor:
@@ -85,9 +109,10 @@ def classifier_plan(features: Tensor, packed: PackedLinear) -> ClassifierPlan:
                           ready is not x3)
 
 
-def pool_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """x [B, H, W, C] -> mean over H, W -> F.linear in x's dtype -> float32 [B, NC]."""
+def pool_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, relu: bool = False) -> Tensor:
+    """x [B, H, W, C] -> mean over H, W -> F.linear in x's dtype (-> ReLU) -> float32 [B, NC]."""
     def cast(t):
         return None if t is None else t.to(dtype=x.dtype, device=x.device)
 
-    return F.linear(x.mean(dim=(1, 2)), cast(weight), cast(bias)).float()
+    y = F.linear(x.mean(dim=(1, 2)), cast(weight), cast(bias))
+    return (F.relu(y) if relu else y).float()
