@@ -5,6 +5,10 @@ kernel walks a tile of consecutive output pixels x a block of channels, loads ea
 ``[BLOCK_P, BLOCK_C]`` slab (16-byte vectors along the contiguous channel axis) and leaves the 9x reuse
 to L1/L2. Used by the unfused inverted-residual path (hidden widths 32 ... 1536) and by the MobileViTv2
 block's local conv (C = 128 ... 1024, dilated in the segmentation backbones).
+
+The dilation is a run-time integer (``do_not_specialize``: not even Triton's value-1 specialisation), so
+dilations 1, 2 and 4 share one compiled kernel per (tile, stride, dtype): the segmentation backbones add
+no compile to the classifiers' set.
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ from ._common import TRITON_DTYPE, CompileConfig, Launch, interpreting, silu, ve
 # the kernel
 # --------------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["dil"])
 def _dwconv3x3_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     H, W, C, OH, OW, M,                      # M = B * OH * OW output pixels
     sxb, sxh, sxw,                           # input strides in elements (channel stride is 1)
-    STRIDE: tl.constexpr, DIL: tl.constexpr, ACT: tl.constexpr, VEC: tl.constexpr,
+    dil,                                     # dilation (>= 1), padding = dilation
+    STRIDE: tl.constexpr, ACT: tl.constexpr, VEC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # x: [B, H, W, C] (strided, channels contiguous); w: [9, C] fp32 tap-major; b: [C] fp32
@@ -43,15 +48,15 @@ def _dwconv3x3_kernel(
     ow = p % OW
     oh = (p // OW) % OH
     b = p // (OW * OH)
-    ih0 = oh * STRIDE - DIL  # padding = dilation keeps 'same' size at stride 1
-    iw0 = ow * STRIDE - DIL
+    ih0 = oh * STRIDE - dil  # padding = dilation keeps 'same' size at stride 1
+    iw0 = ow * STRIDE - dil
     x_b = x_ptr + b.to(tl.int64) * sxb
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for kh in tl.static_range(3):
-        ih = ih0 + kh * DIL
+        ih = ih0 + kh * dil
         row_ok = p_ok & (ih >= 0) & (ih < H)
         for kw in tl.static_range(3):
-            iw = iw0 + kw * DIL
+            iw = iw0 + kw * dil
             ok = row_ok & (iw >= 0) & (iw < W)
             off = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
             xv = tl.load(x_b[:, None] + off[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
@@ -95,8 +100,8 @@ def dwconv3x3_plan(x: torch.Tensor, y_shape: Tuple[int, int, int, int], stride: 
     sxb, sxh, sxw = x.stride(0), x.stride(1), x.stride(2)
     vec = vec_width(x.dtype, C, sxb, sxh, sxw)
     grid = (triton.cdiv(M, block_p), triton.cdiv(C, block_c))
-    return Launch(_dwconv3x3_kernel, grid, (H, W, C, OH, OW, M, sxb, sxh, sxw),
-                  STRIDE=stride, DIL=dilation, ACT=act, VEC=vec, BLOCK_P=block_p, BLOCK_C=block_c,
+    return Launch(_dwconv3x3_kernel, grid, (H, W, C, OH, OW, M, sxb, sxh, sxw, dilation),
+                  STRIDE=stride, ACT=act, VEC=vec, BLOCK_P=block_p, BLOCK_C=block_c,
                   num_warps=warps)
 
 
@@ -131,26 +136,26 @@ def _depthwise_shapes() -> List[Tuple[int, int, int]]:
 
 
 def compile_configs() -> List[CompileConfig]:
-    """Specialisations differ only in constexprs: (C's block and vector width, stride, dilation, dtype);
-    act is on for every depthwise conv MobileViT has. Every MobileViT width is a multiple of 16, so VEC is
-    the full 16-byte vector."""
+    """Specialisations differ only in constexprs: (C's block and vector width, stride, dtype); the dilation
+    is a run-time argument. act is on for every depthwise conv MobileViT has. Every MobileViT width is a
+    multiple of 16, so VEC is the full 16-byte vector."""
     configs, seen = [], set()
-    for C, stride, dil in _depthwise_shapes():
+    for C, stride, _ in _depthwise_shapes():
         block_p, block_c, warps = dwconv_config(C, interpret=False)
         for dtype, name in TRITON_DTYPE.items():
             vec = vec_width(dtype, C)
-            key = (block_p, block_c, stride, dil, name)
+            key = (block_p, block_c, stride, name)
             if key in seen:
                 continue
             seen.add(key)
             sig = {"x_ptr": f"*{name}", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": f"*{name}",
                    "H": "i32", "W": "i32", "C": "i32", "OH": "i32", "OW": "i32", "M": "i32",
-                   "sxb": "i32", "sxh": "i32", "sxw": "i32", "STRIDE": "constexpr", "DIL": "constexpr",
+                   "sxb": "i32", "sxh": "i32", "sxw": "i32", "dil": "i32", "STRIDE": "constexpr",
                    "ACT": "constexpr", "VEC": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
             configs.append(CompileConfig(
-                name=f"dwconv3x3-BP{block_p}-BC{block_c}-s{stride}-d{dil}-{name}", fn=_dwconv3x3_kernel,
+                name=f"dwconv3x3-BP{block_p}-BC{block_c}-s{stride}-{name}", fn=_dwconv3x3_kernel,
                 signature=sig, num_warps=warps,
-                constexprs={"STRIDE": stride, "DIL": dil, "ACT": True, "VEC": vec, "BLOCK_P": block_p,
+                constexprs={"STRIDE": stride, "ACT": True, "VEC": vec, "BLOCK_P": block_p,
                             "BLOCK_C": block_c},
                 aligned=("C", "sxb", "sxh", "sxw")))
     return configs
