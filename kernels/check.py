@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 # Kernel families, each a module of this package with compile_configs().
-FAMILIES = ("gemm", "attention", "sepattn", "pool", "dwconv", "conv", "mv2_block")
+FAMILIES = ("gemm", "attention", "sepattn", "pool", "dwconv", "conv", "mv2_block", "aspp", "labels")
 
 
 @dataclass

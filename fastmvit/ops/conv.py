@@ -59,6 +59,11 @@ def _logical(x: torch.Tensor, input_nchw: bool) -> Tuple[int, int, int, int, Tup
     return B, H, W, C, tuple(x.stride())
 
 
+def _check_dilation(dilation) -> None:
+    if not isinstance(dilation, int) or isinstance(dilation, bool) or dilation < 1:
+        raise ValueError(f"conv3x3: dilation must be a positive int, got {dilation!r}")
+
+
 def _check(x, w, bias, stride, x2, input_nchw, dilation=1):
     check_nhwc("conv3x3", x)
     B, H, W, c1, _ = _logical(x, input_nchw)
@@ -78,8 +83,7 @@ def _check(x, w, bias, stride, x2, input_nchw, dilation=1):
         raise ValueError(f"conv3x3: expected a float32 bias [{w.shape[1]}], got {bias.dtype} {list(bias.shape)}")
     if stride not in (1, 2):
         raise ValueError(f"conv3x3: stride must be 1 or 2, got {stride}")
-    if not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"conv3x3: dilation must be a positive int, got {dilation!r}")
+    _check_dilation(dilation)
     if not (x.device == w.device == bias.device):
         raise ValueError(f"conv3x3: x, w and bias must share a device, got {x.device}, {w.device}, {bias.device}")
 
@@ -138,6 +142,7 @@ def _prepare(x, x2, input_nchw: bool):
 def conv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int, act,
             x2: Optional[torch.Tensor] = None, input_nchw: bool = False, dilation: int = 1) -> torch.Tensor:
     """Dense 3x3, padding = dilation, + bias, then the activation ``act``. See the module docstring."""
+    _check_dilation(dilation)
     x, x2, input_nchw = _prepare(x, x2, input_nchw)
     return _conv3x3_op(x, w, bias, x2, stride=stride, act=_k.act_name(act), input_nchw=input_nchw,
                        dilation=dilation)

@@ -177,3 +177,62 @@ def test_small_tiles_cover_ragged_edges(monkeypatch, dtype, c2):
     x, x2, w, b = make(1, 5, 7, 32, c2, 40, False, dtype)
     out = run_poisoned(x, x2, w, b, 1, False)
     check(x, w, b, out, f"small-tiles-{dtype_id(dtype)}", stride=1, act=True, x2=x2, input_nchw=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# dilation and ReLU: DeepLabV3's atrous ASPP branches
+# --------------------------------------------------------------------------------------------------
+
+# (B, H, W, C, Cout, dilation): rates larger than the map (only the centre tap lands), a map narrower
+# than the tap span in one direction only, ragged K and N
+DILATED = [
+    (2, 7, 9, 24, 40, 2),
+    (2, 5, 11, 48, 20, 3),
+    (1, 9, 6, 129, 24, 4),
+    (2, 4, 5, 32, 48, 6),
+    (1, 13, 14, 16, 16, 12),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", DILATED, ids=lambda c: "B{}-H{}W{}-C{}-O{}-d{}".format(*c))
+def test_dilated_relu(case, dtype):
+    """padding = dilation, the taps ``dilation`` apart, then ReLU: one compiled kernel for every rate."""
+    B, H, W, C, cout, d = case
+    x, _, w, b = make(B, H, W, C, 0, cout, False, dtype, seed=d)
+    y = poison(x.new_empty((B, H, W, cout)))
+    out = K.conv3x3_launch(x, tuple(x.stride()), H, W, C, None, w, b, y, 1, "relu", d)
+    check(x, w, b, out, f"dilated-{case}-{dtype_id(dtype)}", stride=1, act="relu", dilation=d)
+    assert (out >= 0).all() and (out == 0).any() and (out > 0).any()  # the ReLU, not SiLU or none
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_dilated_op_and_small_tiles(monkeypatch, dtype):
+    """Through fastmvit::conv3x3 with dilation, forced 16-wide tiles (several pixel, channel and K tiles),
+    and the stem's gathered K layout (FLAT_K) dilated too."""
+    x, _, w, b = make(2, 6, 7, 32, 0, 40, False, dtype)
+    check(x, w, b, conv3x3(x, w, b, stride=1, act="relu", dilation=2), "op d2", stride=1, act="relu", dilation=2)
+    xs, _, ws, bs = make(2, 9, 8, 3, 0, 16, True, dtype)
+    check(xs, ws, bs, conv3x3(xs, ws, bs, stride=2, act=True, input_nchw=True, dilation=2), "flat d2", stride=2,
+          act=True, input_nchw=True, dilation=2)
+    monkeypatch.setattr(K, "conv3x3_config", lambda *a, **k: (16, 16, 16, 4, 1))
+    check(x, w, b, conv3x3(x, w, b, stride=1, act="relu", dilation=3), "small tiles d3", stride=1, act="relu",
+          dilation=3)
+
+
+def test_reference_matches_a_dilated_conv_module():
+    """The reference itself: pack + conv3x3_reference == nn.Conv2d(dilation=d, padding=d) + ReLU."""
+    conv = torch.nn.Conv2d(8, 12, 3, padding=5, dilation=5)
+    x = torch.randn(2, 11, 9, 8)
+    w, b = pack_conv3x3(conv.weight, conv.bias, torch.float32)
+    expect = torch.relu(conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+    torch.testing.assert_close(conv3x3_reference(x, w, b, stride=1, act="relu", dilation=5), expect)
+
+
+def test_bad_dilation_and_act_are_refused():
+    x, _, w, b = make(1, 4, 4, 8, 0, 8, False, torch.float32)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="dilation"):
+            conv3x3(x, w, b, stride=1, act=True, dilation=bad)
+    with pytest.raises(ValueError, match="act"):
+        conv3x3(x, w, b, stride=1, act="gelu")

@@ -66,4 +66,22 @@ def test_validation_and_opcheck():
 
 def test_compile_configs():
     cfgs = kp.compile_configs()
-    assert len({c.name for c in cfgs}) == len(cfgs) == 12
+    assert len({c.name for c in cfgs}) == len(cfgs) == 15  # 12 classifiers, 3 DeepLabV3 pooling branches (ReLU)
+    assert sum(c.constexprs["RELU"] for c in cfgs) == 3
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=dtype_id)
+def test_pool_linear_relu(dt):
+    """DeepLabV3's image-pooling branch: mean -> 1x1 conv (+BN) -> ReLU, through the op and its launch plan;
+    the bias is centred so about half the outputs are clipped."""
+    from fastmvit.ops.pool import pool_linear_plan
+
+    B, H, W, C, N = 3, 7, 5, 40, 48
+    x = (torch.randn(B, H, W, C, dtype=torch.float64) + 1).to(dtype=dt, device=DEVICE)
+    w, _ = head(C, N)
+    b = -(w @ x.double().mean(dim=(0, 1, 2)).cpu().float())  # centred: some outputs below zero
+    packed = pack_linear(w, b, dtype=dt, device=DEVICE)
+    ref64 = pool_linear_reference(x.double(), w, b, relu=True)
+    assert (ref64 == 0).any() and (ref64 > 0).any()
+    for out in (pool_linear(x, packed, relu=True), pool_linear_plan(x, packed, relu=True)(x, packed)):
+        assert_within_torch_error(out, ref64, pool_linear_reference(x, w, b, relu=True), f"relu-{dtype_id(dt)}")
