@@ -39,7 +39,9 @@ def test_replays_give_the_same_bits_as_the_registered_ops(checked):
 
 
 @pytest.mark.parametrize("name,size,numerics", [("s", (256, 256), "cvnets"), ("v2-1.0", (256, 256), "cvnets"),
-                                                ("xs", (96, 80), "cvnets"), ("v2-0.5", (96, 80), "hf")])
+                                                ("xs", (96, 80), "cvnets"), ("v2-0.5", (96, 80), "hf"),
+                                                ("deeplabv3-xxs", (96, 80), "cvnets"),
+                                                ("deeplabv3-v2-0.5", (64, 64), "cvnets")])
 def test_replays_launch_exactly_what_the_registered_ops_launch(name, size, numerics, checked, monkeypatch):
     """Every kernel launch (grid, scalars, constexprs, tensor shapes and strides) of a replay equals the
     registered ops' (stubbed: no kernel runs), and a replay never reaches torch's custom-op dispatch."""

@@ -213,9 +213,11 @@ def test_own_state_dict_round_trip(xxs_seg, tmp_path):
     _same_logits(hf, again)
 
 
-def test_engine_request_runs_the_torch_path_and_says_so():
-    """No fused segmentation kernels yet: backend="triton" runs the reference modules, with one warning."""
-    model = randomize_(fastmvit.load("deeplabv3-xxs", pretrained=False, backend="triton"), seed=3)
+def test_cpu_engine_request_runs_the_torch_path_and_says_so():
+    """The CPU engine exports classifiers only: backend="onnxruntime" runs the reference modules, with one
+    warning (backend="triton" runs the fused engine: tests/test_segmentation_engine.py)."""
+    model = randomize_(fastmvit.load("deeplabv3-xxs", pretrained=False), seed=3)
+    model.backend = "onnxruntime"
     x = images((1, 3, 64, 64))
     with pytest.warns(UserWarning, match="plain PyTorch modules"):
         out = model(x)

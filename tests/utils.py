@@ -43,7 +43,8 @@ def image_sensitive_(model, size=64, seed: int = 0):
     With arbitrary statistics a random network maps every image to nearly the same features (the
     image-dependent part was below 1e-3 of them, under float16's resolution), so logits could not tell
     images apart. Statistics measured on real inputs re-centre every layer, as training does; the weights,
-    affines and statistics all stay distinct per channel, so a mis-mapped tensor still shows."""
+    affines and statistics all stay distinct per channel, so a mis-mapped tensor still shows. A model
+    without ``forward_features`` (DeepLabV3) measures them through its whole forward (the torch path)."""
     randomize_(model, seed=seed)
     device = next(model.parameters()).device
     x = varied_images((8, 3, size, size), seed=1000 + seed).to(device)
@@ -56,7 +57,7 @@ def image_sensitive_(model, size=64, seed: int = 0):
             m.momentum = None  # cumulative average: one pass gives the batch statistics
         model.train()
         with torch.no_grad():
-            model.forward_features(x)
+            getattr(model, "forward_features", model)(x)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..model.blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
 from ..model.layers import ConvNormAct
-from ..ops import attention, conv, cuda_ext, dwconv, gemm, mv2_block, pool, sepattn
+from ..ops import aspp, attention, conv, cuda_ext, dwconv, gemm, mv2_block, pool, sepattn
 from .fold import fold_bn
 
 # How a step calls an op: ``run(op, *args, **kwargs)``. The engine passes either ``direct`` (the registered
@@ -44,6 +44,11 @@ def depthwise_impl() -> str:
     return choice
 
 
+def _depthwise_op(dilation: int):
+    """The depthwise op for this dilation: the CUDA kernel only where chosen and undilated."""
+    return cuda_ext.dwconv3x3_cuda if depthwise_impl() == "cuda" and dilation == 1 else dwconv.dwconv3x3
+
+
 def _pack_linear(weight, bias=None, norm=None, *, dtype, device) -> gemm.PackedLinear:
     """A 1x1 conv / linear for ``gemm.linear``, with the affine of the LayerNorm/GroupNorm before it folded in."""
     return gemm.pack_linear(weight, bias, norm_weight=None if norm is None else norm.weight,
@@ -66,21 +71,25 @@ class Stem:
 
 class InvertedResidualStep:
     """Fused into one kernel where ``mv2_block.should_fuse`` says so for the live shape, else three
-    kernels: expand GEMM (+SiLU), depthwise (+SiLU), project GEMM (+residual)."""
+    kernels: expand GEMM (+SiLU), depthwise (+SiLU), project GEMM (+residual). A dilated block (the first
+    of a segmentation backbone's dilated stage) always runs unfused: the fused kernel has no dilation."""
 
     def __init__(self, m: InvertedResidual, dtype, device):
         (w1, b1), (wd, bd), (w3, b3) = (_folded(c) for c in (m.conv1_1x1, m.conv2_kxk, m.conv3_1x1))
         self.stride = m.conv2_kxk.conv.stride[0]
-        self.fused = mv2_block.pack_inverted_residual(w1, b1, wd, bd, w3, b3, stride=self.stride, dtype=dtype,
-                                                      residual=m.has_residual)
+        self.dilation = m.conv2_kxk.conv.dilation[0]
+        self.fused = None if self.dilation != 1 else mv2_block.pack_inverted_residual(
+            w1, b1, wd, bd, w3, b3, stride=self.stride, dtype=dtype, residual=m.has_residual)
         self.expand = gemm.pack_linear(w1, b1, dtype=dtype, device=device)
         self.dw_w, self.dw_b = dwconv.pack_dwconv3x3(wd, bd)
-        self.depthwise = cuda_ext.dwconv3x3_cuda if depthwise_impl() == "cuda" else dwconv.dwconv3x3
+        self.depthwise = _depthwise_op(self.dilation)
         self.project = gemm.pack_linear(w3, b3, dtype=dtype, device=device)
         self.residual = m.has_residual
 
     def use_fused(self, x) -> bool:
         p = self.fused
+        if p is None:
+            return False
         return mv2_block.should_fuse(p.cin, p.hidden, p.cout, self.stride, height=x.shape[1], width=x.shape[2],
                                      batch=x.shape[0])
 
@@ -90,7 +99,7 @@ class InvertedResidualStep:
         B, H, W, C = x.shape
         rows = x.reshape(-1, C)
         h = run(gemm.linear, rows, self.expand, act="silu").reshape(B, H, W, -1)
-        h = run(self.depthwise, h, self.dw_w, self.dw_b, stride=self.stride, act=True)
+        h = run(self.depthwise, h, self.dw_w, self.dw_b, stride=self.stride, dilation=self.dilation, act=True)
         _, OH, OW, hidden = h.shape
         y = run(gemm.linear, h.reshape(-1, hidden), self.project, residual=rows if self.residual else None)
         return y.reshape(B, OH, OW, -1)
@@ -146,7 +155,8 @@ class MobileViTv2Step:
     def __init__(self, m: MobileViTv2Block, dtype, device, hf_odd: bool, pool_output: bool = False):
         pack = functools.partial(_pack_linear, dtype=dtype, device=device)
         self.dw_w, self.dw_b = dwconv.pack_dwconv3x3(*_folded(m.conv_kxk))
-        self.depthwise = cuda_ext.dwconv3x3_cuda if depthwise_impl() == "cuda" else dwconv.dwconv3x3
+        self.dilation = m.conv_kxk.conv.dilation[0]  # > 1 in segmentation backbones (ml-cvnets numerics)
+        self.depthwise = _depthwise_op(self.dilation)
         self.to_tokens = pack(m.conv_1x1.weight)
         self.d = m.conv_1x1.weight.shape[0]
         self.layers = [(sepattn.pack_qkv(t.attn.qkv_proj.weight, t.attn.qkv_proj.bias, norm_weight=t.norm1.weight,
@@ -169,7 +179,7 @@ class MobileViTv2Step:
             x = _interpolate_nhwc(x, (math.ceil(H / 2) * 2, math.ceil(W / 2) * 2), align_corners=True)
             B, H, W, C = x.shape
             odd = False
-        y = run(self.depthwise, x, self.dw_w, self.dw_b, stride=1, act=True)
+        y = run(self.depthwise, x, self.dw_w, self.dw_b, stride=1, dilation=self.dilation, act=True)
         if odd:  # Hugging Face: the transformer sees the even part; fold leaves zeros in the rest
             y = y[:, : H // 2 * 2, : W // 2 * 2].contiguous()
         Ht, Wt = y.shape[1:3]
@@ -213,10 +223,37 @@ class Head:
         return run(pool.classifier, x, self.fc) if self.fc is not None else x  # x: [B, C] float32 pooled
 
 
-def build_steps(model, device: torch.device, dtype: torch.dtype) -> List[Step]:
-    """The model's forward as steps, with weights packed for ``device`` and ``dtype``."""
+class DeepLabHeadStep:
+    """DeepLabV3's ASPP and classifier on the stage-5 map: the 1x1 branch and the three atrous 3x3 branches
+    (conv-BN-ReLU each), the image-pooling branch reduced to a per-image bias (mean pooling with its 1x1
+    conv-BN-ReLU, then its [C, C] slice of the projection: two launches on [B, C]), the projection reading
+    the four maps side by side (no concatenation), then the classifier. Logits come out NCHW (a view of
+    the NHWC result: channels-last strides)."""
+
+    def __init__(self, head, dtype, device):
+        pack = functools.partial(gemm.pack_linear, dtype=dtype, device=device)
+        a = head.aspp
+        self.branch = pack(*_folded(a.convs[0]))
+        self.atrous = [(*conv.pack_conv3x3(*_folded(c), dtype), c.conv.dilation[0]) for c in a.convs[1:]]
+        self.pool = pack(*_folded(a.pool))
+        wp, bp = _folded(a.project)
+        c = wp.shape[0]  # the projection's input: 5 branches of c channels, the pooled one last
+        self.project = pack(wp[:, :4 * c])
+        self.project_pooled = pack(wp[:, 4 * c:], bp)
+        self.classifier = pack(head.classifier.weight, head.classifier.bias)
+
+    def __call__(self, x, run: Run):
+        maps = [run(aspp.pointwise, x, packed=self.branch, relu=True)]
+        maps += [run(conv.conv3x3, x, w, b, stride=1, act="relu", dilation=d) for w, b, d in self.atrous]
+        pooled = run(pool.pool_linear, x, self.pool, relu=True)                 # [B, c] float32
+        image_bias = run(pool.classifier, pooled, self.project_pooled)          # [B, c] float32
+        y = run(aspp.pointwise, *maps, packed=self.project, image_bias=image_bias, relu=True)
+        return run(aspp.pointwise, y, packed=self.classifier, relu=False).permute(0, 3, 1, 2)
+
+
+def _backbone_steps(model, device, dtype, pool_last: bool) -> List[Step]:
     hf_odd = model.numerics.v2_odd_size == "hf"
-    last = list(model.stages[-1])[-1]
+    last = list(model.stages[-1])[-1] if pool_last else None
     steps: List[Step] = [Stem(model.stem, dtype)]
     for stage in model.stages:
         for block in stage:
@@ -228,5 +265,13 @@ def build_steps(model, device: torch.device, dtype: torch.dtype) -> List[Step]:
                 steps.append(MobileViTv2Step(block, dtype, device, hf_odd, pool_output=block is last))
             else:
                 raise TypeError(f"no fused step for {type(block).__name__}")
-    steps.append(Head(model, dtype, device))
     return steps
+
+
+def build_steps(model, device: torch.device, dtype: torch.dtype) -> List[Step]:
+    """The model's forward as steps, with weights packed for ``device`` and ``dtype``: a classifier
+    (``MobileViT``) or a DeepLabV3 (``task == "segmentation"``: its dilated backbone, then the head)."""
+    if getattr(model, "task", None) == "segmentation":
+        return _backbone_steps(model.backbone, device, dtype, pool_last=False) + [
+            DeepLabHeadStep(model.head, dtype, device)]
+    return _backbone_steps(model, device, dtype, pool_last=True) + [Head(model, dtype, device)]

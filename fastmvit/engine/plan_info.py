@@ -18,6 +18,7 @@ import torch
 
 # Where each kernel's arguments sit (pointers first, then scalars) and its serial loop, for the steps column.
 _STEP_LATENCY = {"mv2_block": "STEP_FUSED", "dwconv": "STEP_DW"}  # every other loop: STEP_GEMM
+_TYPES = {torch.int64: "i64"}  # outputs beside the activation dtypes (label maps)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -41,6 +42,10 @@ def serial_steps(kernel: str, args: tuple, meta: dict) -> int:
         return _cdiv(args[6] * args[7] // 4, meta["BT"])
     if kernel == "pool.pool_linear_kernel":
         return _cdiv(args[5], meta["BHW"]) * _cdiv(args[6], meta["BK"])
+    if kernel == "aspp._pointwise_kernel":  # the ASPP's 1x1 convs: K chunks of each input
+        return meta["NUM_IN"] * _cdiv(args[9], meta["BLOCK_K"])
+    if kernel == "labels._bilinear_argmax_kernel":  # one step per class
+        return args[2]
     return 1  # dwconv: the nine taps are unrolled
 
 
@@ -67,7 +72,11 @@ def launches(model: str, batch: int, size: int = 256, dtype: torch.dtype = torch
     interpret, _common.INTERPRET = _common.INTERPRET, False  # the GPU's rules; nothing runs (stubbed)
     try:
         with torch.inference_mode(), stubbed_launches(log):
-            engine.forward(x, replay.direct)
+            out = engine.forward(x, replay.direct)
+            if getattr(net, "task", None) == "segmentation":  # DeepLabV3.labels: the fused upsample + argmax
+                from fastmvit.ops.labels import bilinear_argmax
+
+                bilinear_argmax(out, (size, size), net.upsample_align_corners)
     finally:
         _common.INTERPRET = interpret
     from fastmvit.ops import mv2_block as rule
@@ -82,7 +91,7 @@ def launches(model: str, batch: int, size: int = 256, dtype: torch.dtype = torch
         steps = serial_steps(kernel, args, meta)
         step = getattr(rule, _STEP_LATENCY.get(kernel.split(".")[0], "STEP_GEMM"))
         per_sm = 1 if meta.get("num_warps", 4) == 8 else 2
-        signature = [f"*{_common.TRITON_DTYPE[a[4]]}" if isinstance(a, tuple) and a[:1] == ("tensor",)
+        signature = [f"*{_TYPES.get(a[4]) or _common.TRITON_DTYPE[a[4]]}" if isinstance(a, tuple) and a[:1] == ("tensor",)
                      else _scalar_type(a) for a in args]
         aligned = [i for i, a in enumerate(args) if isinstance(a, int) and not isinstance(a, bool) and a % 16 == 0]
         rows.append({"kernel": kernel, "grid": tuple(grid), "ctas": ctas, "steps": steps,
@@ -94,22 +103,29 @@ def launches(model: str, batch: int, size: int = 256, dtype: torch.dtype = torch
 
 
 def fusion_rows(model: str, batch: int, size: int = 256) -> List[dict]:
-    """The fuse-or-not rule's estimate for each inverted residual block of ``model`` at this batch."""
+    """The fuse-or-not rule's estimate for each inverted residual block of ``model`` at this batch. A
+    segmentation model (output stride 16, as ``load`` builds it) runs its dilated blocks unfused."""
+    from fastmvit.model.segmentation import SegmentationConfig, stage_dilations
     from fastmvit.ops import mv2_block as rule
+    from fastmvit.segmentation import is_segmentation_name, segmentation_variant
     from fastmvit.variants import get_variant, make_divisible
 
-    v = get_variant(model)
+    seg = is_segmentation_name(model)
+    v = segmentation_variant(model) if seg else get_variant(model)
+    geometry = stage_dilations(SegmentationConfig().output_stride) if seg else [(s.stride, 1) for s in v.stages]
     side, ch, rows = _cdiv(size, 2), v.stem_channels, []
     for si, stage in enumerate(v.stages):
+        before = geometry[si - 1][1] if si else 1  # a dilated stage's first block: the dilation before it
         for i in range(stage.num_ir):
-            stride = stage.stride if i == 0 else 1
+            stride = geometry[si][0] if i == 0 else 1
+            dilated = i == 0 and geometry[si][0] == 1 and before > 1
             hid = make_divisible(int(round(ch * stage.expand)), 8)
             est = rule.fusion_estimate(ch, hid, stage.out_channels, stride, height=side, width=side, batch=batch)
             ctas, steps, _ = rule.kernel_shapes(ch, hid, stage.out_channels, stride, height=side, width=side,
                                                 batch=batch)["fused"]
             rows.append({"stage": si + 1, "block": f"{ch}->{hid}->{stage.out_channels} s{stride} @{side}x{side}",
-                         "fused": rule.should_fuse(ch, hid, stage.out_channels, stride, height=side, width=side,
-                                                   batch=batch),
+                         "fused": not dilated and rule.should_fuse(ch, hid, stage.out_channels, stride, height=side,
+                                                                   width=side, batch=batch),
                          "fused_us": est["fused"] * 1e6, "unfused_us": est["unfused"] * 1e6,
                          "fused_grid": f"{ctas} x {steps}"})
             side, ch = _cdiv(side, stride), stage.out_channels

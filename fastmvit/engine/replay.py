@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from ..ops import attention, conv, dwconv, gemm, mv2_block, pool, sepattn
+from ..ops import aspp, attention, conv, dwconv, gemm, labels, mv2_block, pool, sepattn
 
 # op -> the function that resolves it once; called with the op's arguments it returns a callable that takes
 # the same arguments. Ops without one (the CUDA extension's depthwise) are called as they are.
@@ -30,6 +30,9 @@ PLANS: Dict[Callable, Callable] = {
     attention.patch_attention: attention.patch_attention_plan,
     sepattn.sepattn_context: sepattn.sepattn_context_plan,
     pool.classifier: pool.classifier_plan,
+    pool.pool_linear: pool.pool_linear_plan,
+    aspp.pointwise: aspp.pointwise_plan,
+    labels.bilinear_argmax: labels.bilinear_argmax_plan,
 }
 
 Call = Tuple[Callable, Callable, tuple]  # (op, its plan, the tensor metadata it was resolved for)

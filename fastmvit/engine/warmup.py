@@ -158,7 +158,8 @@ def _engine_fn(model, x: torch.Tensor):
 def record_launches(model, batches: Iterable[int] = (1,), sizes: Iterable[Tuple[int, int]] = ((256, 256),)
                     ) -> List[Launch]:
     """Every kernel launch of ``model``'s fused forward (on its device, in its dtype) at each batch and
-    image size, in order (not merged), without running a kernel."""
+    image size, in order (not merged), without running a kernel; for a segmentation model, then the
+    label map's (``DeepLabV3.labels``)."""
     p = next(model.parameters())
     launches: List[Launch] = []
     fn = None
@@ -167,7 +168,11 @@ def record_launches(model, batches: Iterable[int] = (1,), sizes: Iterable[Tuple[
             for b in batches:
                 x = torch.zeros(b, 3, h, w, device=p.device, dtype=p.dtype)
                 fn = fn or _engine_fn(model, x)
-                fn(x)
+                out = fn(x)
+                if getattr(model, "task", None) == "segmentation":  # DeepLabV3.labels' upsample + argmax
+                    from ..ops.labels import bilinear_argmax
+
+                    bilinear_argmax(out, (h, w), model.upsample_align_corners)
     if not launches:
         raise RuntimeError("no Triton launch was recorded: the engine's launch path no longer goes through "
                            "JITFunction.run, which the warm-up relies on")

@@ -158,6 +158,17 @@ class MobileViT(nn.Module):
             raise InputError(f"input dtype {x.dtype} does not match the model's {p.dtype}; "
                              f"use x.to({p.dtype}) or model.to({x.dtype})")
 
+    def check_engine_input(self, x, model: nn.Module) -> None:
+        """``check_input``, and what the engines (BatchNorm folded, no gradients) refuse of ``model`` (this
+        network, or a model built on it)."""
+        self.check_input(x)
+        if model.training:
+            raise RuntimeError("fastmvit's engines run BatchNorm in eval mode (folded into the weights): "
+                               "call model.eval(), or use backend='torch' for training-mode BatchNorm")
+        if torch.is_grad_enabled() and (x.requires_grad or self.stem.conv.weight.requires_grad):
+            raise RuntimeError("fastmvit's engines are inference-only: run the model under torch.no_grad() "
+                               "or torch.inference_mode(), or use backend='torch' to compute gradients")
+
     # ---------------------------------------------------------------------------------------------
     def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The five stage outputs at strides 2, 4, 8, 16 and 32 (timm ``features_only``, mmpretrain
@@ -181,13 +192,7 @@ class MobileViT(nn.Module):
         engine = choose_engine(self.backend, x if isinstance(x, torch.Tensor) else torch.empty(0))
         if engine == TORCH:
             return self.forward_head(self.forward_features(x))
-        self.check_input(x)
-        if self.training:
-            raise RuntimeError("fastmvit's engines run BatchNorm in eval mode (folded into the weights): "
-                               "call model.eval(), or use backend='torch' for training-mode BatchNorm")
-        if torch.is_grad_enabled() and (x.requires_grad or self.stem.conv.weight.requires_grad):
-            raise RuntimeError("fastmvit's engines are inference-only: run the model under torch.no_grad() "
-                               "or torch.inference_mode(), or use backend='torch' to compute gradients")
+        self.check_engine_input(x, self)
         if engine != FUSED:
             return self._engines.cpu(engine).run(self, x)
         if torch.compiler.is_compiling():  # torch.compile traces the kernels; its own cudagraphs replace ours

@@ -12,6 +12,11 @@ As Hugging Face (``MobileViT[V2]ForSemanticSegmentation``) and ml-cvnets (``enco
   image-pooling branch (global mean -> 1x1 conv -> bilinear back to the map size), each conv-BN-ReLU;
   their concatenation projected by a 1x1 conv-BN-ReLU;
 * a 1x1 classifier conv with bias. Logits come out at 1/output_stride of the input, as HF returns them.
+
+The fused engine (``fastmvit.engine.plan``: ``build_steps`` reads this module tree) runs the same network
+on CUDA tensors, or with ``backend="triton"``: dilated depthwise and dense 3x3 kernels, the ASPP projection
+reading its four map branches without their concatenation and the image-pooling branch as a per-image
+bias; ``labels`` fuses the final bilinear upsampling with the argmax.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import BACKENDS
+from ..engine import BACKENDS, DEFAULT_MAX_BATCH, FUSED, EngineCache, choose_engine
+from ..engine.dispatch import CPU_RUNTIMES
 from ..errors import OptionError
 from ..variants import Variant, get_variant
 from .blocks import MobileViTv2Block
@@ -119,18 +125,22 @@ class DeepLabV3(nn.Module):
     """MobileViT (v1 or v2) + DeepLabV3. ``forward(images)`` takes float NCHW images in [0, 1] (channel order
     per ``pretrained_cfg["preprocess"]``) and returns logits ``[B, num_classes, h, w]`` at 1/output_stride of
     the input, as Hugging Face does; ``forward(images, upsample=True)`` resizes them to the input size.
-    ``fastmvit.masks.label_map`` turns logits into class indices.
+    ``labels(images)`` returns class indices ``[B, H, W]`` at the input size.
 
-    Runs the plain PyTorch modules on every device: the fused engine has no dilated kernels yet, so
-    ``backend`` other than "torch" falls back to them (``engine_note`` says so).
+    ``backend`` as for ``MobileViT``: the fused engine on CUDA tensors ("auto") or wherever asked
+    ("triton"; interpreted on the CPU), the plain PyTorch modules otherwise. The engine's logits are a
+    channels-last view (NCHW shape, channels-contiguous strides). The CPU engine exports classifiers only:
+    backend="onnxruntime"/"openvino" run the PyTorch modules (``engine_note`` says so, once).
     """
 
     task = "segmentation"
-    engine_note = ("segmentation models run the plain PyTorch modules on every device: the fused engine has "
-                   "no dilated convolution or ASPP kernels yet, and the CPU engine exports classifiers only")
+    engine_note = ("segmentation models run the plain PyTorch modules on the CPU runtimes: the CPU engine "
+                   "exports classifiers only")
 
     def __init__(self, variant: Variant | str, config: SegmentationConfig = SegmentationConfig()):
         super().__init__()
+        self._engines = EngineCache()
+        self._cuda_graph_max_batch = DEFAULT_MAX_BATCH
         variant = get_variant(variant)
         self.variant = variant
         self.config = config
@@ -167,13 +177,46 @@ class DeepLabV3(nn.Module):
     def output_stride(self) -> int:
         return self.config.output_stride
 
+    @property
+    def upsample_align_corners(self) -> bool:
+        """How logits are resized to the image: ml-cvnets' head aligns corners, HF's post-processing not."""
+        return bool(self.pretrained_cfg.get("upsample_align_corners", False))
+
     def set_numerics(self, numerics: Numerics) -> "DeepLabV3":
         self.backbone.set_numerics(numerics)
         self.numerics = numerics
         for block, dilation in self._v2_local:
             _set_conv(block.conv_kxk.conv, stride=1,
                       dilation=dilation if numerics.v2_local_dilation == "stage" else 1)
+        self._engines.clear()
         return self
+
+    # The engine cache follows the model as MobileViT's does (fastmvit.engine.engine.EngineCache).
+    @property
+    def cuda_graph_max_batch(self):
+        return self._cuda_graph_max_batch
+
+    @cuda_graph_max_batch.setter
+    def cuda_graph_max_batch(self, value) -> None:
+        self._cuda_graph_max_batch = value
+        self._engines.clear()
+
+    def invalidate_engine(self) -> None:
+        self._engines.clear()
+
+    def train(self, mode: bool = True):
+        if hasattr(self, "_engines") and (self.training or mode):
+            self._engines.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        if hasattr(self, "_engines"):
+            self._engines.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._engines.clear()
+        return super().load_state_dict(*args, **kwargs)
 
     def check_input(self, x) -> None:
         self.backbone.check_input(x)
@@ -188,15 +231,46 @@ class DeepLabV3(nn.Module):
             raise OptionError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
 
+    def _engine(self, x) -> str:
+        return choose_engine(self.backend, x if isinstance(x, torch.Tensor) else torch.empty(0))
+
+    def _logits(self, x: torch.Tensor, engine: str) -> torch.Tensor:
+        if engine != FUSED:
+            if self.backend in CPU_RUNTIMES and not self._engine_noted:
+                warnings.warn(self.engine_note, stacklevel=3)
+                self._engine_noted = True
+            return self.head(self.backbone.forward_stages(x)[-1])
+        self.backbone.check_engine_input(x, self)
+        if torch.compiler.is_compiling():
+            if not x.is_cuda:
+                raise RuntimeError("torch.compile over fastmvit's fused engine needs CUDA tensors (on the CPU the "
+                                   "kernels are interpreted and cannot be traced); compile with backend='torch'")
+            return self._engines.engine(self, x)(x)
+        return self._engines.runner(self, x)(x)
+
     def forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
-        if not self._engine_noted and isinstance(x, torch.Tensor) and (
-                self.backend not in ("torch", "auto") or (self.backend == "auto" and x.is_cuda)):
-            warnings.warn(self.engine_note, stacklevel=2)
-            self._engine_noted = True
-        logits = self.head(self.backbone.forward_stages(x)[-1])
+        logits = self._logits(x, self._engine(x))
         if upsample:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
+
+    def labels(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Class indices ``[B, H, W]`` (int64; ties to the lowest class) of the logits bilinearly resized to
+        ``size`` (default: the input's H, W) with ``upsample_align_corners``: ``fastmvit.masks.label_map``'s
+        arithmetic. On the fused engine one kernel resizes and takes the argmax (the resized logits are
+        never stored)."""
+        engine = self._engine(x)
+        logits = self._logits(x, engine)
+        size = tuple(x.shape[-2:]) if size is None else tuple(size)
+        if engine == FUSED:
+            from ..ops.labels import bilinear_argmax  # the kernels load with the engine, never at import
+
+            if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
+                raise OptionError(f"size must be (height, width), two positive ints, got {size!r}")
+            return bilinear_argmax(logits, size, self.upsample_align_corners)
+        from ..masks import label_map
+
+        return label_map(logits, size=size, align_corners=self.upsample_align_corners)
 
     def extra_repr(self) -> str:
         c = self.config
