@@ -22,6 +22,11 @@ import triton.language as tl
 
 from ._common import TRITON_DTYPE, CompileConfig, Launch, interpreting, vec_width
 
+# The head of Apple's published DeepLabV3 checkpoints (fastmvit.model.segmentation.SegmentationConfig's
+# defaults; a test holds the two equal): ASPP width by family, PASCAL VOC's classes.
+ASPP_CHANNELS = {"v1": 256, "v2": 512}
+VOC_CLASSES = 21
+
 
 @triton.jit
 def _input_pass(acc, x_ptr, m64, m_ok, K, k_base, w_ptr, WN, n, n_ok, rk, BLOCK_K: tl.constexpr,
@@ -109,15 +114,14 @@ def pointwise_uses(size: int = 512) -> List[Tuple[str, int, int, int, bool, bool
     """(kind, K, N, inputs, per-image bias, ReLU, pixels per image) of the DeepLabV3 heads of the released
     variants at ``size`` x ``size``, output stride 16, with Apple's 21 classes: "branch" (the 1x1 ASPP
     branch), "project" (over the four map branches) and "classifier"."""
-    from fastmvit.model.segmentation import SegmentationConfig
     from fastmvit.variants import VARIANTS
 
-    cfg, hw = SegmentationConfig(), (size // 16) ** 2
+    hw = (size // 16) ** 2
     uses = set()
     for v in VARIANTS.values():
-        c = cfg.channels_for(v)
+        c = ASPP_CHANNELS[v.family]
         uses.update({("branch", v.stage_channels[-1], c, 1, False, True, hw), ("project", c, c, 4, True, True, hw),
-                     ("classifier", c, cfg.num_classes, 1, False, False, hw)})
+                     ("classifier", c, VOC_CLASSES, 1, False, False, hw)})
     return sorted(uses)
 
 

@@ -207,8 +207,9 @@ def conv3x3_uses(size: int = 256) -> List[Tuple[str, int, int, int, int, int]]:
     at ``size`` x ``size``: "stem", "local" (v1 conv_kxk) and "fusion" (v1 conv_fusion); and "aspp", the
     atrous branches of the DeepLabV3 head (ReLU; any dilation) at ``2 * size`` (segmentation's 512 for
     256), output stride 16."""
-    from fastmvit.model.segmentation import SegmentationConfig
     from fastmvit.variants import VARIANTS
+
+    from .aspp import ASPP_CHANNELS
 
     uses = set()
     for v in VARIANTS.values():
@@ -220,7 +221,7 @@ def conv3x3_uses(size: int = 256) -> List[Tuple[str, int, int, int, int, int]]:
                 uses.add(("local", s.out_channels, 0, s.out_channels, 1, hw * hw))
                 uses.add(("fusion", s.out_channels, s.out_channels, s.out_channels, 1, hw * hw))
         seg = 2 * size // 16
-        uses.add(("aspp", v.stage_channels[-1], 0, SegmentationConfig().channels_for(v), 1, seg * seg))
+        uses.add(("aspp", v.stage_channels[-1], 0, ASPP_CHANNELS[v.family], 1, seg * seg))
     return sorted(uses)
 
 

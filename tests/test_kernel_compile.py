@@ -23,4 +23,9 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     failed = [f"{r['family']}/{r['name']}: {r['error']}" for r in results if not r["ok"]]
     assert run.returncode == 0 and not failed, "\n".join(failed) or run.stderr[-3000:]
     assert {r["family"] for r in results} >= set(FAMILIES)  # no family silently missing
+    # DeepLabV3 on the engine: the ASPP's pointwise convs and the label-map kernel (families of their own),
+    # the atrous branches (dense 3x3 + ReLU, one specialisation for every dilation), the pooling branch
+    assert {"aspp", "labels"} <= set(FAMILIES)
+    for prefix in ("conv3x3-aspp-", "pool_linear_relu-", "pointwise-project-", "bilinear_argmax-"):
+        assert any(r["name"].startswith(prefix) for r in results), prefix
     assert all(r["stack"] == 0 for r in results)

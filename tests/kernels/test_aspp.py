@@ -81,3 +81,18 @@ def test_bad_input_is_refused():
         pointwise(*xs, packed=packed, image_bias=image_bias[:1])
     with pytest.raises(RuntimeError, match="inference-only"):
         pointwise(xs[0].requires_grad_(), xs[1], packed=packed)
+
+
+def test_compile_uses_follow_the_default_head():
+    """The compile check's head shapes are SegmentationConfig's defaults (Apple's checkpoints), and every
+    kind (1x1 branch, projection, classifier) has a specialisation per dtype."""
+    from fastmvit.model.segmentation import SegmentationConfig
+    from fastmvit.variants import VARIANTS
+
+    cfg = SegmentationConfig()
+    assert {v.family: cfg.channels_for(v) for v in VARIANTS.values()} == K.ASPP_CHANNELS
+    assert cfg.num_classes == K.VOC_CLASSES
+    names = [c.name for c in K.compile_configs()]
+    for kind in ("branch", "project", "classifier"):
+        for dt in ("fp32", "fp16", "bf16"):
+            assert any(n.startswith(f"pointwise-{kind}-") and n.endswith(dt) for n in names), (kind, dt)
