@@ -85,7 +85,7 @@ def load(
     from . import segmentation
 
     seg_options = dict(pretrained=pretrained, num_classes=num_classes, numerics=numerics, backend=backend,
-                       device=device, dtype=dtype, **segmentation_options)
+                       cuda_graphs=cuda_graphs, device=device, dtype=dtype, **segmentation_options)
     if segmentation.is_segmentation_name(name):
         return segmentation.load_segmentation(name, weights, **seg_options)
     variant = get_variant(name)

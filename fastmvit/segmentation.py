@@ -101,6 +101,7 @@ def load_segmentation(
     atrous_rates: Optional[Sequence[int]] = None,
     numerics="auto",
     backend: str = "auto",
+    cuda_graphs: bool = True,
     device=None,
     dtype=None,
     _read=None,
@@ -149,6 +150,7 @@ def load_segmentation(
 
     model.set_numerics(resolve_numerics(numerics, fmt or "hf"))
     model.backend = backend
+    model.cuda_graphs = cuda_graphs
     model.requires_grad_(False)
     preprocess = _preprocess_for(fmt, variant, info)
     labels = hf_config_labels(info)

@@ -169,6 +169,7 @@ def test_info_names_a_backend_for_every_op():
     backends = collect_info()["op backends"]
     assert "fastmvit::patch_attention" in backends["v1 unfold + attention + fold"]
     assert "fastmvit::dwconv3x3" in backends["depthwise 3x3 + BN + SiLU"]
+    assert "fastmvit::bilinear_argmax" in backends["segmentation label maps (DeepLabV3.labels)"]
 
 
 def test_torch_compile_of_the_interpreted_engine_is_refused():

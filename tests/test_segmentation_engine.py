@@ -91,3 +91,19 @@ def test_labels_are_the_upsampled_argmax(align_corners):
     decided = (top2[:, 0] - top2[:, 1]) > 4 * max_err(logits, torch_logits)
     assert decided.float().mean() > 0.9 and len(labels.unique()) > 2  # a map of several classes
     assert torch.equal(labels[decided], torch_labels[decided])
+
+
+def test_info_plan_and_warmup_cover_the_head_and_the_label_map():
+    """``info --plan`` and the warm-up's recording (both stubbed: no kernel runs) see the ASPP's kernels,
+    the atrous convs' ReLU and the label-map kernel, with the GPU's launch rules."""
+    from fastmvit.engine.plan_info import fusion_rows, launches
+    from fastmvit.engine.warmup import distinct, record_launches
+
+    rows = launches("deeplabv3-xxs", 1, 128)
+    kernels = [r["kernel"] for r in rows]
+    assert kernels[-1] == "labels._bilinear_argmax_kernel" and kernels.count("aspp._pointwise_kernel") == 3
+    assert sum(r["constexprs"].get("ACT") == "relu" for r in rows) == 3
+    assert [r["fused"] for r in fusion_rows("deeplabv3-xxs", 1, 128)][-1] is False  # stage 5's, dilated
+    model = seg_model("v2-0.5", 16, "hf", align_corners=True)
+    names = [(s.name, dict(s.args).get("ALIGN")) for s in distinct(record_launches(model, (1,), ((64, 64),)))]
+    assert ("_bilinear_argmax_kernel", True) in names and ("_pointwise_kernel", None) in names

@@ -41,6 +41,13 @@ def op_backends() -> Dict[str, str]:
         "v2 separable attention": "triton fastmvit::sepattn_context + fastmvit::linear (relu-scale prologue)",
         "global pool + classifier": "pooling in the epilogue of the last 1x1 conv (fastmvit::linear_pool), "
                                     "then fastmvit::pool_linear on the pooled features",
+        "DeepLabV3 atrous 3x3 (conv-BN-ReLU)": "triton fastmvit::conv3x3 (dilation a run-time argument)",
+        "DeepLabV3 ASPP projection, 1x1 branch, classifier": "triton fastmvit::pointwise (reads the four map "
+                                                             "branches without a concatenation; the image-pooling "
+                                                             "branch is fastmvit::pool_linear + ReLU, then a per-image "
+                                                             "bias)",
+        "segmentation label maps (DeepLabV3.labels)": "triton fastmvit::bilinear_argmax (bilinear upsampling + "
+                                                      "argmax in one kernel)",
         "odd-size resize (rare)": "torch F.interpolate",
         "CUDA graphs": f"every batch size while the graphs' memory pool fits in {DEFAULT_MEMORY_FRACTION:.0%} of the "
                        "device's memory (load(..., cuda_graphs=False) turns them off)",

@@ -31,7 +31,8 @@ def prepare_kernels(device: torch.device) -> None:
 
 class Engine:
     """``engine(x)``: NCHW images [B, 3, H, W] in the engine's dtype -> logits [B, num_classes] (or pooled
-    features when the model has no head), in that dtype.
+    features when the model has no head; for a DeepLabV3, logits [B, num_classes, h, w] as a channels-last
+    view), in that dtype.
 
     Eager calls run the launch plans of ``fastmvit.engine.replay``, resolved on the first call of each input
     signature (at most ``max_plans`` kept, the oldest dropped first); torch.compile traces the registered

@@ -201,6 +201,14 @@ class DeepLabV3(nn.Module):
         self._cuda_graph_max_batch = value
         self._engines.clear()
 
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._cuda_graph_max_batch != 0
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled: bool) -> None:
+        self.cuda_graph_max_batch = DEFAULT_MAX_BATCH if enabled else 0
+
     def invalidate_engine(self) -> None:
         self._engines.clear()
 
