@@ -169,7 +169,7 @@ def act_name(act) -> str:
 
 def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
                  x2: Optional[torch.Tensor], y_shape: Tuple[int, int, int, int], stride: int, act,
-                 dilation: int = 1) -> Launch:
+                 *, dilation: int = 1) -> Launch:
     """The launch for tensors like these (metadata only): ``plan(x, x2 or x, w, bias, y)`` writes a
     contiguous ``y [B, OH, OW, Cout]``. x holds ``c1`` channels of an ``H x W`` map with strides
     ``x_strides`` in logical (b, h, w, c) order (an NCHW tensor passes ``(s0, s2, s3, s1)``); ``x2`` is
@@ -191,9 +191,9 @@ def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, 
 
 def conv3x3_launch(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
                    x2: Optional[torch.Tensor], w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                   stride: int, act, dilation: int = 1) -> torch.Tensor:
+                   stride: int, act, *, dilation: int = 1) -> torch.Tensor:
     """Launch (traceably) into a preallocated contiguous ``y [B, OH, OW, Cout]``; see ``conv3x3_plan``."""
-    conv3x3_plan(x, x_strides, H, W, c1, x2, tuple(y.shape), stride, act, dilation).traced(
+    conv3x3_plan(x, x_strides, H, W, c1, x2, tuple(y.shape), stride, act, dilation=dilation).traced(
         x, x2 if x2 is not None else x, w, bias, y)
     return y
 

@@ -93,7 +93,7 @@ def _plan(x, w, bias, x2, stride, act, input_nchw, dilation=1) -> "ConvPlan":
     B, H, W, c1, strides = _logical(x, input_nchw)
     y_shape = (B, out_size(H, stride), out_size(W, stride), w.shape[1])
     empty = B * y_shape[1] * y_shape[2] * y_shape[3] == 0
-    launch = None if empty else _k.conv3x3_plan(x, strides, H, W, c1, x2, y_shape, stride, act, dilation)
+    launch = None if empty else _k.conv3x3_plan(x, strides, H, W, c1, x2, y_shape, stride, act, dilation=dilation)
     return ConvPlan(launch, y_shape, x.dtype, x.device, poisoning())
 
 

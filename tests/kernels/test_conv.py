@@ -201,7 +201,7 @@ def test_dilated_relu(case, dtype):
     B, H, W, C, cout, d = case
     x, _, w, b = make(B, H, W, C, 0, cout, False, dtype, seed=d)
     y = poison(x.new_empty((B, H, W, cout)))
-    out = K.conv3x3_launch(x, tuple(x.stride()), H, W, C, None, w, b, y, 1, "relu", d)
+    out = K.conv3x3_launch(x, tuple(x.stride()), H, W, C, None, w, b, y, 1, "relu", dilation=d)
     check(x, w, b, out, f"dilated-{case}-{dtype_id(dtype)}", stride=1, act="relu", dilation=d)
     assert (out >= 0).all() and (out == 0).any() and (out > 0).any()  # the ReLU, not SiLU or none
 
