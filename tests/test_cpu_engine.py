@@ -344,6 +344,14 @@ def test_benchmark_peers_and_cpu_engine_rows_compute_the_torch_paths_logits():
     assert not E.ENGINES["fastmvit"].computes_reference(cpu_device)
 
 
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="ONNX Runtime not installed")
+def test_benchmark_onnxruntime_peer_does_not_spin_into_the_next_row():
+    from fastmvit.benchmark import engines as E
+
+    run = E._onnxruntime_fn(E.exported_onnx("xxs", 1, 64))
+    assert run.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_benchmark_peers_say_why_they_cannot_run(monkeypatch):
     from fastmvit.benchmark import engines as E
 
