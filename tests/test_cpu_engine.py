@@ -303,6 +303,18 @@ def test_info_says_what_auto_runs_per_dtype_and_whether_the_cpu_has_bf16():
     assert "bfloat16 on this CPU" in format_info(info)
 
 
+def test_bf16_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f amx_tile avx512_bf16 amx_bf16\n")
+    assert cpu.runtimes.cpu_bf16_flags(str(cpuinfo)) == ("amx_bf16", "avx512_bf16")
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512bw\n")
+    assert cpu.runtimes.cpu_bf16_flags(str(cpuinfo)) == ()
+    assert cpu.runtimes.cpu_bf16_flags(str(tmp_path / "absent")) is None
+    if "openvino" in INSTALLED and cpu.runtimes.cpu_bf16_flags() is not None:
+        # this CPU, read two ways: the flags and OpenVINO's own capability list
+        assert bool(cpu.runtimes.cpu_bf16_flags()) == ("BF16" in cpu.RUNTIMES["openvino"].cpu_capabilities())
+
+
 @pytest.mark.skipif("openvino" not in INSTALLED, reason="OpenVINO not installed")
 def test_bfloat16_where_the_cpu_has_it():
     """bfloat16 runs on OpenVINO's bf16 precision where the CPU has bf16 instructions; elsewhere "auto"

@@ -165,11 +165,11 @@ def _auto_runtime(dtype: torch.dtype, choice: str) -> Optional[str]:
     return next((r for r in order if r in installed and dtype in RUNTIMES[r].supported_dtypes()), None)
 
 
-def cpu_bf16_flags() -> Optional[Tuple[str, ...]]:
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[Tuple[str, ...]]:
     """The CPU's bfloat16 instruction sets (AVX512-BF16, AMX-BF16) from /proc/cpuinfo, or None where it
     cannot be read (not Linux)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return None
