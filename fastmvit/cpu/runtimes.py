@@ -123,10 +123,11 @@ class OpenVino(Runtime):
 
 RUNTIMES: Dict[str, Runtime] = {r.name: r for r in (OpenVino(), OnnxRuntime())}
 # What backend="auto" runs on CPU tensors of each dtype: the first of these that is installed and computes in
-# that dtype here. Measured, interleaved, on fastmvit's own graph (2-core Xeon with AMX; see the README):
-# float32: ONNX Runtime at least as fast as OpenVINO at batch 1 and 8 once its threads stop spinning;
-# bfloat16: OpenVINO alone (ONNX Runtime's CPU provider has no bf16 convolutions). Other dtypes (float16,
-# float64) run the torch path. FASTMVIT_CPU_ENGINE puts one runtime first ("torch": no CPU engine).
+# that dtype here. Measured on fastmvit's own graph, 256x256, interleaved (2-core Xeon with AMX, busy):
+# float32, process CPU ms per batch ONNX Runtime / OpenVINO, 1 thread: S b1 47/49, b8 427/408; v2-1.0 b1
+# 41/50, b8 375/435; 2 threads (an earlier run): S b1 53/62, v2-1.0 b1 63/68. bfloat16: OpenVINO alone
+# (ONNX Runtime's CPU provider has no bf16 convolutions). Other dtypes (float16, float64) run the torch
+# path. FASTMVIT_CPU_ENGINE puts one runtime first ("torch": no CPU engine).
 AUTO_ORDER: Dict[torch.dtype, Tuple[str, ...]] = {torch.float32: ("onnxruntime", "openvino"),
                                                   torch.bfloat16: ("openvino",)}
 ENV = "FASTMVIT_CPU_ENGINE"
