@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import fastmvit
@@ -23,13 +23,12 @@ from fastmvit.serving.common import InputLimits
 from fastmvit.serving.launch import ServerProcess, default_install_dir, find_tritonserver, free_port
 from fastmvit.serving.triton import write_model_repository
 
-from ..utils import photo, randomize_, varied_images
-from .helpers import SECRET, bad_images, get, post, prometheus_samples
+from ..utils import photo
+from .helpers import SEGMENTATION_MODEL as MODEL
+from .helpers import SEGMENTATION_SIZE as SIZE
+from .helpers import (SECRET, assert_mask, bad_images, get, image_ref, png, post, prometheus_samples, reference,
+                      write_segmentation_checkpoint)
 
-pytest.importorskip("litserve", reason="the serve extra (litserve) is not installed")
-
-MODEL = "deeplabv3-xxs"
-SIZE = 64            # the shorter side the model sees: logits of 4 x 5 or so, masks of thousands of pixels
 MAX_BATCH = 4
 MAX_BODY = 300_000
 BAD_STATUS = {"not_an_image": 415, "truncated_jpeg": 400, "one_pixel": 422, "bomb": 413, "over_pixel_limit": 413,
@@ -39,32 +38,9 @@ BAD_STATUS = {"not_an_image": 415, "truncated_jpeg": 400, "one_pixel": 422, "bom
 SIZES = [(97, 131), (194, 262), (131, 97), (61, 45), (120, 90)]
 
 
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_checkpoint(path) -> str:
-    """Random DeepLabV3-xxs weights with the classifier re-centred on the head's features, so neighbouring
-    pixels get different classes (a random head gives one class everywhere) and a wrong mask shows."""
-    from safetensors.torch import save_file
-
-    model = randomize_(fastmvit.load(MODEL, pretrained=False))
-    with torch.no_grad():
-        feats = model.head.aspp(model.backbone.forward_stages(varied_images((6, 3, 64, 80)))[-1])
-        f = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-        w = model.head.classifier.weight
-        spread = (f - f.mean(0)) @ w[:, :, 0, 0].t()
-        w.mul_(3 / spread.std())
-        model.head.classifier.bias.copy_(-(w[:, :, 0, 0] @ f.mean(0)))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("seg") / "deeplabv3-xxs.safetensors")
+    return write_segmentation_checkpoint(tmp_path_factory.mktemp("seg") / "deeplabv3-xxs.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -80,49 +56,12 @@ def pictures():
     return out
 
 
-def resized(data: bytes) -> torch.Tensor:
-    """The model's input, written out here: RGB, shorter side to SIZE (PIL bilinear), BGR, / 255."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    s = SIZE / min(w, h)
-    img = img.resize((round(w * s), round(h * s)), Image.BILINEAR)
-    arr = np.asarray(img)[..., ::-1].astype(np.float64) / 255
-    return torch.from_numpy(np.ascontiguousarray(arr.astype(np.float32).transpose(2, 0, 1)))
-
-
-def reference(model, pixels: torch.Tensor, size):
-    """(labels [H, W], top-two margin [H, W]) of the in-process torch model, resized as HF's
-    post_process_semantic_segmentation does (bilinear, align_corners=False), then argmax."""
-    with torch.inference_mode():
-        up = F.interpolate(model(pixels[None]), size=size, mode="bilinear", align_corners=False)[0]
-    top = up.topk(2, dim=0).values
-    return up.argmax(0).numpy(), (top[0] - top[1]).numpy()
-
-
-def assert_mask(png_bytes: bytes, ref) -> np.ndarray:
-    """The PNG holds the reference's labels at its size. Pixels may differ only where the reference's two
-    best classes are within float error of each other (the server may run another batch size)."""
-    labels, margin = ref
-    img = Image.open(io.BytesIO(png_bytes))
-    assert img.format == "PNG" and img.mode == "P"
-    got = np.array(img)
-    assert got.shape == labels.shape
-    differ = got != labels
-    assert not (differ & (margin > 1e-3)).any(), f"{differ.sum()} of {differ.size} pixels differ"
-    assert len(np.unique(labels)) > 3  # the check means something: several classes in the mask
-    return got
-
-
-def image_ref(model, data: bytes):
-    img = Image.open(io.BytesIO(data))
-    return reference(model, resized(data), (img.size[1], img.size[0]))
-
-
 # -------------------------------------------------------------------------------------------------
 # LitServe
 
 @pytest.fixture(scope="module")
 def litserve(checkpoint, tmp_path_factory):
+    pytest.importorskip("litserve", reason="the serve extra (litserve) is not installed")
     port = free_port()
     cmd = [sys.executable, "-m", "fastmvit", "serve", "--model", MODEL, "--weights", checkpoint, "--device", "cpu",
            "--port", str(port), "--input-size", str(SIZE), "--max-batch-size", str(MAX_BATCH),
@@ -229,6 +168,26 @@ def test_litserve_concurrent_masks_are_each_their_own(litserve, model, pictures)
     hist = {k: prometheus_samples(after, "fastmvit_batch_size_bucket").get(k, 0) -
             prometheus_samples(before, "fastmvit_batch_size_bucket").get(k, 0) for k in ('le="1.0"', 'le="+Inf"')}
     assert hist['le="+Inf"'] - hist['le="1.0"'] > 0, "no forward of more than one image"
+
+
+def test_serve_random_weights_from_the_command_line(tmp_path, pictures):
+    """`python -m fastmvit serve --model deeplabv3-xxs --random`: loads, warms up saying so, answers a mask."""
+    pytest.importorskip("litserve", reason="the serve extra (litserve) is not installed")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "fastmvit", "serve", "--model", "deeplabv3-xxs", "--random", "--device", "cpu",
+           "--port", str(port), "--input-size", str(SIZE), "--max-batch-size", "2"]
+    with ServerProcess(cmd, env=env, log_path=str(tmp_path / "server.log"), name="litserve") as proc:
+        proc.wait_ready(f"http://127.0.0.1:{port}/health", timeout=300)
+        status, body = post_raw(port, pictures["61x45"], {"Accept": "image/png"})
+        assert status == 200 and Image.open(io.BytesIO(body)).size == (61, 45)
+        log = proc.log_tail(100_000)
+    assert "loading deeplabv3-xxs (random weights) on cpu" in log and "warm-up 2/2: batch 2" in log
+    assert "ready: warm-up of batch sizes 1, 2" in log
+    r = subprocess.run([sys.executable, "-m", "fastmvit", "serve", "--model", "deeplabv3-xl", "--random"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown segmentation model 'deeplabv3-xl'" in r.stderr, r.stderr
 
 
 # -------------------------------------------------------------------------------------------------
