@@ -152,16 +152,20 @@ def test_litserve_refuses_what_a_mask_cannot_be_made_for(litserve):
 
 
 def test_litserve_concurrent_masks_are_each_their_own(litserve, model, pictures):
-    """Concurrent clients, images of several shapes and sizes (two sizes share an input shape, two images
-    share a size): each answer is its own image's mask, and forwards of more than one image ran."""
+    """Concurrent clients, images of several shapes and sizes, every one different (twelve share an input
+    shape, at two sizes): each answer is its own image's mask, and forwards of more than one image (so of
+    different images of one shape) ran."""
     port = litserve[0]
-    refs = {name: image_ref(model, data) for name, data in pictures.items()}
+    jobs = dict(pictures)
+    jobs.update({f"97x131-{k}": png(photo(97, 131, seed=100 + k)) for k in range(8)})
+    jobs.update({f"194x262-{k}": png(photo(194, 262, seed=200 + k)) for k in range(4)})
+    refs = {name: image_ref(model, data) for name, data in jobs.items()}
+    names = list(jobs)
+    np.random.default_rng(0).shuffle(names)
     _, before = get(port, "/metrics")
-    jobs = [name for name in pictures for _ in range(3)]
-    np.random.default_rng(0).shuffle(jobs)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(lambda n: post_raw(port, pictures[n], {"Accept": "image/png"}), jobs))
-    for name, (status, body) in zip(jobs, results):
+        results = list(pool.map(lambda n: post_raw(port, jobs[n], {"Accept": "image/png"}), names))
+    for name, (status, body) in zip(names, results):
         assert status == 200, (name, body)
         assert_mask(body, refs[name])
     _, after = get(port, "/metrics")
