@@ -110,7 +110,8 @@ async def _payload(request: Request) -> Payload:
 
 
 class FastMViTAPI(ls.LitAPI):
-    """Serve a fastmvit classifier with LitServe's dynamic batching.
+    """Serve a fastmvit classifier, or segmentation model (masks: see the module docstring), with LitServe's
+    dynamic batching.
 
     Args:
         model, weights, pretrained: as ``fastmvit.load``.
