@@ -441,9 +441,10 @@ class Segmenter(Classifier):
     ``decoder`` is a ``SegmentationDecoder``: each request's image arrives resized so its shorter side is
     the input size S, with its own size beside it. ``forward`` takes ``[B, 3, h, w]`` float32 of one shape
     (warm-up runs S x S) and returns the logits ``[B, C, h/os, w/os]`` float32, left on the model's device so
-    ``labels`` resizes them there. ``labels(logits, size)`` is the label map ``[H, W]`` at the image's own
-    size (``fastmvit.masks.label_map``: bilinear as the checkpoint's source does, resized a class at a time
-    when large, so memory stays bounded); ``answer`` adds the mask PNG and each class's share of pixels.
+    ``labels_of`` resizes them there. ``labels_of(logits, size)`` is the label map ``[H, W]`` at the image's
+    own size (``fastmvit.masks.label_map``: bilinear as the checkpoint's source does, resized a class at a
+    time when large, so memory stays bounded); ``answer`` adds the mask PNG and each class's share of
+    pixels. ``labels`` are the class names, by index.
     """
 
     task = "segmentation"
@@ -464,7 +465,7 @@ class Segmenter(Classifier):
         return torch.cat([self._forward_chunk(c) for c in chunks])
 
     def _keep(self, out: torch.Tensor) -> torch.Tensor:
-        return out.to(torch.float32, copy=True)  # stays on the device: labels() resizes it there
+        return out.to(torch.float32, copy=True)  # stays on the device: labels_of() resizes it there
 
     @torch.inference_mode()
     def labels_of(self, logits: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:

@@ -263,9 +263,15 @@ class TritonPythonModel:
         responses: List[Optional[object]] = [None] * len(requests)
         masks = {}  # request -> its masks, in its order
         groups = {}  # input shape -> [(request, position, pixels, size)]
-        for i, request in enumerate(requests):
+        pending = []
+        for i, request in enumerate(requests):  # every request's decoding starts before any is waited for
             try:
-                images = self._whole_images(self._read(request))
+                pending.append((i, self._read(request)))
+            except RequestError as e:
+                responses[i] = self._refuse(e)
+        for i, item in pending:
+            try:
+                images = self._whole_images(item)
             except RequestError as e:
                 responses[i] = self._refuse(e)
                 continue
