@@ -216,3 +216,24 @@ def test_segmentation_groups_equal_shapes_across_requests_and_answers_each_its_m
         assert responses[i].error.code == "INVALID_ARG" and mentions in responses[i].error.message, \
             responses[i].error.message
         assert not responses[i].outputs
+
+
+def test_segmentation_out_of_memory_splits_the_shape_group(triton_model, tmp_path, monkeypatch):
+    """Out of memory above 2 images (injected): a forward of three same-shape images is split and retried,
+    and each request still gets its own mask."""
+    monkeypatch.setenv("FASTMVIT_SERVING_FAULTS", "oom_above=2")
+    checkpoint = write_segmentation_checkpoint(tmp_path / "seg.safetensors")
+    model_dir = write_model_repository(tmp_path / "repo", SEGMENTATION_MODEL, checkpoint, kind="cpu",
+                                       max_batch_size=8, input_size=SEGMENTATION_SIZE)
+    m = triton_model.TritonPythonModel()
+    m.initialize(triton_args(model_dir))
+    forwards = []
+    inner = m.classifier.forward
+    m.classifier.forward = lambda x: forwards.append(x.shape[0]) or inner(x)
+    pics = [png(photo(97, 131, seed)) for seed in (1, 2, 3)]
+    responses = m.execute([{"image_bytes": FakeTensor("image_bytes", np.array([[p]], np.object_))} for p in pics])
+    assert forwards == [2, 1]  # 3 -> 2 + 1: the injected OOM fires before the real forward
+    model = fastmvit.load(SEGMENTATION_MODEL, checkpoint)
+    for resp, p in zip(responses, pics):
+        assert resp.error is None
+        assert_mask(resp.outputs["mask_png"][0, 0], image_ref(model, p))
