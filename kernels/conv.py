@@ -241,7 +241,7 @@ def merge_config(M: int, cout: int, interpret: Optional[bool] = None) -> Tuple[i
     bn = max(16, min(128, triton.next_power_of_2(cout)))
     if interpreting() if interpret is None else interpret:
         return max(16, min(512, triton.next_power_of_2(M))), max(16, min(256, triton.next_power_of_2(cout))), 4
-    return 64, bn, 4
+    return 32, bn, 4  # 32 float32 values per thread at BLOCK_N 128: a light, memory-bound pass
 
 
 def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
