@@ -117,12 +117,13 @@ def _conv3x3_kernel(
         # rather than nine short ones (C = 48 is three chunks of 16), and a fraction of the compile time.
         CT = C1 + C2
         n1 = 9 * tl.cdiv(C1, BLOCK_K)  # x's steps, then x2's: one flattened K axis of n1 + n2 steps
-        lo1, hi1, lo2, hi2 = 0, n1, 0, 9 * tl.cdiv(C2, BLOCK_K)
+        n2 = 9 * tl.cdiv(C2, BLOCK_K)
+        lo1, hi1, lo2, hi2 = 0, n1, 0, n2
         if SPLIT:  # this program's contiguous share of the K steps, clipped to each input's range
-            chunk = tl.cdiv(n1 + hi2, tl.num_programs(2))
+            chunk = tl.cdiv(n1 + n2, tl.num_programs(2))
             lo = tl.program_id(2) * chunk
             lo1, hi1 = tl.minimum(lo, n1), tl.minimum(lo + chunk, n1)
-            lo2, hi2 = tl.maximum(lo - n1, 0), tl.minimum(lo + chunk - n1, hi2)
+            lo2, hi2 = tl.maximum(lo - n1, 0), tl.minimum(lo + chunk - n1, n2)
         acc = _implicit_gemm_pass(acc, x_ptr + b * sxb, sxh, sxw, C1, 0, CT, w_ptr, n, n_ok, COUT, ih0, iw0, m_ok,
                                   H, W, rk, lo1, hi1, BLOCK_K, PREC)
         if HAS_X2:  # channels [C1, C1 + C2) of the virtual concatenation
