@@ -23,4 +23,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     failed = [f"{r['family']}/{r['name']}: {r['error']}" for r in results if not r["ok"]]
     assert run.returncode == 0 and not failed, "\n".join(failed) or run.stderr[-3000:]
     assert {r["family"] for r in results} >= set(FAMILIES)  # no family silently missing
+    names = {r["name"] for r in results}  # the batch-1 split kernels (split rule) and their merges
+    assert {"sepattn_context-fp16-packed-split", "sepattn_context_merge"} <= names
+    assert any("-splitk-" in n and n.startswith("conv3x3-fusion") for n in names)
+    assert any(n.startswith("conv3x3-splitk-merge") for n in names)
     assert all(r["stack"] == 0 for r in results)
