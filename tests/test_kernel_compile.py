@@ -28,4 +28,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     assert {"aspp", "labels"} <= set(FAMILIES)
     for prefix in ("conv3x3-aspp-", "pool_linear_relu-", "pointwise-project-", "bilinear_argmax-"):
         assert any(r["name"].startswith(prefix) for r in results), prefix
+    names = {r["name"] for r in results}  # the batch-1 split kernels (split rule) and their merges
+    assert {"sepattn_context-fp16-packed-split", "sepattn_context_merge"} <= names
+    assert any("-splitk-" in n and n.startswith("conv3x3-fusion") for n in names)
+    assert any(n.startswith("conv3x3-splitk-merge") for n in names)
     assert all(r["stack"] == 0 for r in results)
