@@ -8,7 +8,10 @@ import sys
 import pytest
 import triton
 
+from fastmvit.kernels import dwconv
 from fastmvit.kernels.check import FAMILIES
+
+from .kernels.common import compiled_resources
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -24,3 +27,18 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     assert run.returncode == 0 and not failed, "\n".join(failed) or run.stderr[-3000:]
     assert {r["family"] for r in results} >= set(FAMILIES)  # no family silently missing
     assert all(r["stack"] == 0 for r in results)
+
+
+@pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="this Triton has no bundled cuobjdump")
+def test_depthwise_registers_within_caps_sm90():
+    """The Triton depthwise conv is memory-bound: its registers (occupancy) are capped per dtype
+    (``dwconv.REGISTER_CAPS``; unrolled taps took 138 for fp16). Each dtype's widest-channel tile at
+    stride 2, compiled for sm_90: within the cap, no spill, 16-byte loads and stores (all of them:
+    ``python -m fastmvit.kernels check --family dwconv``)."""
+    cfgs = {c.name: c for c in dwconv.compile_configs()}
+    pick = [next(n for n in cfgs if n.endswith(dt) and "-BC64-" in n and "-s2-" in n) for dt in ("fp16", "bf16", "fp32")]
+    for use in compiled_resources(dwconv.__name__, pick):
+        cap = dwconv.max_registers(cfgs[use["name"]], 90)
+        assert cap is not None and use["registers"] <= cap, use
+        assert use["stack"] == 0, use
+        assert use["ld_v4"] > 0 and use["st_v4"] > 0, f"{use['name']}: no 16-byte global loads or stores"
