@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, Launch, interpreting, silu, vec_width
+from ._common import TRITON_DTYPE, CompileConfig, Launch, interpreting, silu, vec_width, target_arch
 from .dwconv import out_size
 
 FLAT_K_MAX_CIN = 7  # 9 * 7 = 63 taps x channels fit one BLOCK_K = 64 gathered tile
@@ -129,12 +129,14 @@ def _block_n(cout: int) -> int:
 
 
 def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat: bool,
-                   interpret: Optional[bool] = None) -> Tuple[int, int, int, int, int]:
+                   interpret: Optional[bool] = None, arch: int = 90) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), a fixed rule (no autotuning: nothing could be
     measured, and CUDA-graph capture must not meet a first-call benchmark). BLOCK_K is the largest of
     64/32/16 dividing the input widths so the K loop has no ragged tail; float32 uses smaller tiles
     (BLOCK_K 16, BLOCK_N <= 64) since its exact ("ieee") dot runs on FMA units and holds both operands
-    in registers (BLOCK_K 32 spilled on sm_80)."""
+    in registers (BLOCK_K 32 spilled on sm_80). Below sm_90 (``arch``; mma.sync keeps each warp's
+    accumulators and operand fragments in registers) a tile of 128x64 outputs with BLOCK_K 64 takes 8
+    warps, not 4: the 64+64 fusion conv's took 255 registers and spilled under triton 3.6 (8 warps: 172)."""
     if interpreting() if interpret is None else interpret:
         bk = triton.next_power_of_2(9 * c1) if flat else min(128, triton.next_power_of_2(max(c1, c2)))
         bm = min(512, max(16, triton.next_power_of_2(M)))
@@ -147,7 +149,8 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
     bk = 16 if fp32 else next((k for k in (64, 32, 16) if all(w % k == 0 for w in widths)), 16)
     bn = min(_block_n(cout), 64) if fp32 else _block_n(cout)
     bm = 64 if fp32 or M < 8192 else 128
-    return bm, bn, bk, (8 if bm * bn >= 128 * 128 else 4), (2 if fp32 else 3)
+    wide = bm * bn >= 128 * 128 or (arch < 90 and bm * bn * bk >= 128 * 64 * 64)
+    return bm, bn, bk, (8 if wide else 4), (2 if fp32 else 3)
 
 
 def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
@@ -160,7 +163,7 @@ def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, 
     c2 = x2.shape[-1] if x2 is not None else 0
     M = B * OH * OW
     flat = x2 is None and c1 <= FLAT_K_MAX_CIN
-    bm, bn, bk, warps, stages = conv3x3_config(c1, c2, cout, M, x.dtype, flat)
+    bm, bn, bk, warps, stages = conv3x3_config(c1, c2, cout, M, x.dtype, flat, arch=target_arch(x.device))
     sxb, sxh, sxw, sxc = x_strides
     s2 = x2.stride()[:3] if x2 is not None else (0, 0, 0)
     vec = vec_width(x.dtype, cout) if flat else vec_width(x.dtype, cout, c1, c2, sxb, sxh, sxw, *s2)
@@ -201,14 +204,16 @@ def conv3x3_uses(size: int = 256) -> List[Tuple[str, int, int, int, int, int]]:
     return sorted(uses)
 
 
-def compile_configs() -> List[CompileConfig]:
-    """One config per (use, dtype, tile): batch 1 and batch 256 can pick different BLOCK_M."""
+def compile_configs(arch: int = 90) -> List[CompileConfig]:
+    """One config per (use, dtype, tile): batch 1 and batch 256 can pick different BLOCK_M. ``arch``: the
+    launch rules of sm_<arch>."""
     configs, seen = [], set()
     for kind, c1, c2, cout, stride, pixels in conv3x3_uses():
         flat = kind == "stem"
         for dtype, name in TRITON_DTYPE.items():
             for batch in (1, 256):
-                bm, bn, bk, warps, stages = conv3x3_config(c1, c2, cout, batch * pixels, dtype, flat, interpret=False)
+                bm, bn, bk, warps, stages = conv3x3_config(c1, c2, cout, batch * pixels, dtype, flat, interpret=False,
+                                                           arch=arch)
                 vec = vec_width(dtype, cout) if flat else vec_width(dtype, cout, c1, c2)
                 prec = "ieee" if dtype == torch.float32 else "tf32"
                 const = {"STRIDE": stride, "ACT": True, "HAS_X2": bool(c2), "FLAT_K": flat, "VEC": vec,
