@@ -42,3 +42,32 @@ def test_depthwise_registers_within_caps_sm90():
         assert cap is not None and use["registers"] <= cap, use
         assert use["stack"] == 0, use
         assert use["ld_v4"] > 0 and use["st_v4"] > 0, f"{use['name']}: no 16-byte global loads or stores"
+
+
+def test_check_selects_by_family_dtype_and_name():
+    """``check --family dwconv --dtype bf16 --only -s2-`` compiles exactly those (the listing only here)."""
+    from fastmvit.kernels import check
+
+    tasks = check.select((90,), only=["-s2-"], families=["dwconv"], dtypes=["bf16"])
+    names = [check._configs(f, a)[i].name for f, i, a in tasks]
+    assert names and all(n.startswith("dwconv3x3-") and "-s2-" in n and n.endswith("-bf16") for n in names)
+    assert len(check.select((90, 80), families=["dwconv"])) == 2 * len(dwconv.compile_configs())
+    with pytest.raises(SystemExit, match="unknown kernel families"):
+        check.select((90,), families=["dwconvs"])
+
+
+@pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="this Triton has no bundled cuobjdump")
+def test_check_fails_a_kernel_over_its_register_cap():
+    """A module's max_registers is enforced by the check itself (here a cap of 16 for fp16)."""
+    script = """
+import dataclasses, json
+from fastmvit.kernels import check, dwconv
+dwconv.REGISTER_CAPS[90]["fp16"] = 16
+i = next(i for i, c in enumerate(check._configs("dwconv", 90)) if c.name.endswith("-fp16"))
+print(json.dumps(dataclasses.asdict(check._compile_one("dwconv", i, 90))))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not result["ok"] and result["error"] == f"{result['registers']} registers > cap 16", result
