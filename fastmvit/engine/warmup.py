@@ -86,12 +86,24 @@ def _reduce(value, constexpr: bool):
     return value
 
 
+def unspecialised(kernel) -> tuple:
+    """The kernel's ``do_not_specialize`` arguments (names or indices), compiled or interpreted."""
+    dns = getattr(kernel, "do_not_specialize", None)
+    if dns is None:  # an InterpretedFunction keeps the decorator's arguments
+        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize")
+    return tuple(dns or ())
+
+
 def _launch_of(kernel, args, kwargs) -> Launch:
     fn = kernel.fn  # the Python function under @triton.jit (JITFunction and InterpretedFunction alike)
     params = inspect.signature(fn).parameters
     bound = inspect.signature(fn).bind_partial(*args, **{k: v for k, v in kwargs.items() if k in params})
     bound.apply_defaults()
-    reduced = tuple((name, _reduce(value, "constexpr" in str(params[name].annotation)))
+    # do_not_specialize: Triton neither makes such an integer a constexpr when it is 1 nor specialises
+    # on its 16-divisibility (the depthwise conv's dilation), so every value shares one specialisation
+    plain = {p if isinstance(p, str) else list(params)[p] for p in unspecialised(kernel)}
+    reduced = tuple((name, ("int", False, False, True) if name in plain and isinstance(value, int)
+                     and not isinstance(value, bool) else _reduce(value, "constexpr" in str(params[name].annotation)))
                     for name, value in bound.arguments.items())
     options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in params))
     return Launch(fn.__module__, fn.__name__, reduced, options)
@@ -279,7 +291,12 @@ def warmup(model, batches: Iterable[int] = (1,), sizes: Iterable[Tuple[int, int]
     if target == "cuda" and device.type != "cuda":
         raise ValueError("target='cuda' warms Triton's cache for the model's GPU: move the model there first")
     start = time.perf_counter()
-    launches = record_launches(model, batches, sizes)
+    from ..kernels._common import assume_arch
+
+    # ahead of time: the launch rules of the target (sm_80's tiles differ from sm_90's), not sm_90's
+    ahead = target.startswith("sm_") and target[3:].isdigit()
+    with assume_arch(int(target[3:])) if ahead else contextlib.nullcontext():
+        launches = record_launches(model, batches, sizes)
     record_s = time.perf_counter() - start
     index = device.index if device.index is not None else (torch.cuda.current_device() if target == "cuda" else 0)
     seconds, failures, used = compile_launches(launches, target, jobs, device_index=index)

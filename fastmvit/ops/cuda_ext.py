@@ -9,7 +9,8 @@ the ops raise a clear error if called.
     fastmvit.ops.cuda_ext.extension_status() -> str
     fastmvit.ops.cuda_ext.dwconv3x3_cuda(x, w, bias, *, stride=1, dilation=1, act=True) -> Tensor
         # fastmvit::dwconv3x3_cuda; same contract as fastmvit.ops.dwconv.dwconv3x3 (x [B, H, W, C] CUDA,
-        # w [9, C] and bias [C] float32 from pack_dwconv3x3), computed by csrc/dwconv.cu
+        # w [9, C] and bias [C] float32 from pack_dwconv3x3), computed by csrc/dwconv.cu (dilation 1, 2;
+        # any other dilation by the Triton kernel)
     fastmvit.ops.cuda_ext.nvcc_check(arch="sm_90") -> list[KernelResources]   # compile only, no GPU
 
 Which implementation of the depthwise conv the engine should use (this one or the Triton kernel) is
@@ -37,6 +38,9 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 # The flags setup.py gives nvcc, plus those torch's CUDAExtension adds: compile-check what gets built.
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__",
               "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+# The dilations csrc/dwconv.cu is instantiated for (its DIL template argument); others go to Triton.
+CSRC_DILATIONS = (1, 2)
 
 try:
     _C = importlib.import_module("fastmvit._C")
@@ -87,7 +91,13 @@ inference_only(_dwconv3x3_cuda_op, "fastmvit::dwconv3x3_cuda")
 def dwconv3x3_cuda(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int = 1, dilation: int = 1,
                    act: bool = True) -> torch.Tensor:
     """The CUDA C++ depthwise 3x3 (+ bias, + SiLU if ``act``): same contract as
-    ``fastmvit.ops.dwconv.dwconv3x3``, except that x is made contiguous if it is not."""
+    ``fastmvit.ops.dwconv.dwconv3x3``, except that x is made contiguous if it is not. The C++ kernel is
+    instantiated for dilation 1 and 2 only: any other dilation (4 in the output-stride-8 segmentation
+    backbones) runs the Triton kernel instead."""
+    if dilation not in CSRC_DILATIONS:
+        from .dwconv import dwconv3x3
+
+        return dwconv3x3(x, w, bias, stride=stride, dilation=dilation, act=act)
     return _dwconv3x3_cuda_op(x.contiguous(), w, bias, stride, dilation, act)
 
 

@@ -6,6 +6,7 @@ Public API (the engine's contract)::
     y = dwconv3x3(x, w, b, stride=1, dilation=1, act=True)
     #   x [B, H, W, C] float32/float16/bfloat16, channels contiguous (other strides free);
     #   y [B, OH, OW, C] contiguous, x.dtype, OH = (H - 1) // stride + 1 (padding = dilation)
+    #   stride 1 or 2; dilation any integer >= 1 (a run-time kernel argument: no compile per dilation)
     y_ref = dwconv3x3_reference(x, w, b, stride=1, dilation=1, act=True)   # plain PyTorch, x.dtype
 
 Inference only: asking for a gradient through the op raises.
@@ -46,13 +47,18 @@ def pack_dwconv3x3(weight: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tens
     return w, bias.detach().float().contiguous()
 
 
+def _check_geometry(stride, dilation) -> None:
+    if stride not in (1, 2) or isinstance(dilation, (bool, float)) or dilation < 1:
+        raise ValueError(f"dwconv3x3: bad stride and dilation (stride must be 1 or 2, dilation an integer >= 1), "
+                         f"got stride={stride}, dilation={dilation!r}")
+
+
 def _check(x, w, bias, stride, dilation):
     check_nhwc("dwconv3x3", x)
     C = x.shape[-1]
     _check_vec("dwconv3x3 weight", w, (9, C))
     _check_vec("dwconv3x3 bias", bias, (C,))
-    if stride not in (1, 2) or dilation not in (1, 2):
-        raise ValueError(f"dwconv3x3: stride and dilation must be 1 or 2, got stride={stride}, dilation={dilation}")
+    _check_geometry(stride, dilation)
     if x.stride(-1) != 1:
         raise ValueError("dwconv3x3: the channel dim must be contiguous (stride 1)")
     if not (x.device == w.device == bias.device):
@@ -98,6 +104,7 @@ inference_only(_dwconv3x3_op, "fastmvit::dwconv3x3")
 def dwconv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, stride: int = 1, dilation: int = 1,
               act: bool = True) -> torch.Tensor:
     """Depthwise 3x3, padding = dilation, + bias, then SiLU if ``act``. See the module docstring."""
+    _check_geometry(stride, dilation)  # before the op's schema turns a bad type into a less clear error
     if x.stride(-1) != 1:  # the one layout the kernel cannot index in place
         x = x.contiguous()
     return _dwconv3x3_op(x, w, bias, stride=stride, dilation=dilation, act=act)

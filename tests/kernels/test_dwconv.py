@@ -5,7 +5,7 @@ import torch
 from fastmvit.kernels import dwconv as K
 from fastmvit.ops.dwconv import dwconv3x3, dwconv3x3_reference, pack_dwconv3x3
 
-from .common import DEVICE, DTYPES, assert_within_torch_error, compiled_resources, dtype_id, needs_gpu, poison
+from .common import DEVICE, DTYPES, assert_within_torch_error, dtype_id, needs_gpu, poison
 
 # (B, H, W, C, stride, dilation): odd and non-square maps, 1x1 and 2x3 maps, C not a multiple of the
 # channel block or of the 16-byte vector (24, 40, 129), C over one interpreter block (300).
@@ -19,6 +19,13 @@ SHAPES = [
     (2, 2, 3, 40, 1, 2),
     (1, 2, 3, 40, 2, 1),
     (1, 3, 5, 300, 2, 1),
+    # dilation 4 (output stride 8): maps smaller than the 9-pixel span (only the centre tap is inside),
+    # spans that just fit, stride 2 with dilation, batch 2
+    (2, 3, 5, 24, 1, 4),
+    (2, 5, 3, 40, 2, 4),
+    (2, 9, 11, 24, 1, 4),
+    (1, 11, 9, 48, 2, 4),
+    (2, 9, 7, 16, 2, 2),
 ]
 
 
@@ -94,6 +101,9 @@ def test_bad_arguments_raise_clearly():
     x, w, b = make(1, 4, 4, 16, torch.float32)
     with pytest.raises(ValueError, match="stride and dilation"):
         dwconv3x3(x, w, b, stride=3)
+    for dil in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="dilation an integer >= 1"):
+            dwconv3x3(x, w, b, dilation=dil)
     with pytest.raises(ValueError, match=r"\[9, 16\]"):
         dwconv3x3(x, w[:, :8], b)
     with pytest.raises(ValueError, match="NHWC"):
@@ -142,27 +152,47 @@ def test_compile_configs_cover_the_variants():
     widths = {c for c, _, _ in shapes}
     assert {32, 48, 1536, 128, 1024} <= widths and all(c % 16 == 0 for c in widths)
     assert {(s, d) for _, s, d in shapes} == {(1, 1), (2, 1), (1, 2)}
-    names = [c.name for c in K.compile_configs()]
+    cfgs = K.compile_configs()
+    assert all("dil" not in c.constexprs and c.signature["dil"] == "i32" for c in cfgs)  # one kernel, every dilation
+    names = [c.name for c in cfgs]
     assert len(names) == len(set(names)) and all(any(n.endswith(d) for n in names) for d in ("fp32", "fp16", "bf16"))
 
 
-def test_compiles_for_sm90_without_spills():
-    """The widest tile at stride 2 in each dtype, compiled ahead of time (all of them:
-    ``python -m fastmvit.kernels check``): no spills, 16-byte global accesses."""
-
-    cfgs = K.compile_configs()
-    pick = [next(c.name for c in cfgs if c.name.endswith(dt) and "-BC64-" in c.name and "-s2-" in c.name)
-            for dt in ("fp16", "fp32")]
-    for use in compiled_resources(K.__name__, pick):
-        assert use["stack"] == 0, use
-        assert use["v4"] > 0, f"{use['name']}: no 16-byte global accesses"
-
-
+@pytest.mark.parametrize("dil", [2, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_small_tiles_cover_ragged_edges(monkeypatch, dtype):
+def test_small_tiles_cover_ragged_edges(monkeypatch, dtype, dil):
     """Under the interpreter the launch rule picks one tile per op; force 16x16 tiles so the grid has
     several pixel and channel tiles, each ragged at its end (40 pixels, 40 channels)."""
-    monkeypatch.setattr(K, "dwconv_config", lambda C, M=0, interpret=None: (16, 16, 4))
+    monkeypatch.setattr(K, "dwconv_config", lambda C, M=0, interpret=None, elem_bytes=2: (16, 16, 4))
     x, w, b = make(2, 9, 7, 40, dtype)
-    kw = dict(stride=2, dilation=2, act=True)
+    kw = dict(stride=2, dilation=dil, act=True)
     check(x, w, b, run_poisoned(x, w, b, **kw), f"small-tiles-{dtype_id(dtype)}", **kw)
+
+
+def test_dilation_is_a_run_time_argument():
+    """Dilations 1, 2 and 4 launch the same specialisation: same constexprs and launch options, the
+    dilation among the scalars, and the kernel exempt from Triton's value-1 / 16-divisibility
+    specialisation of integers (a dilation of 1 would otherwise compile a kernel of its own)."""
+    from fastmvit.engine.warmup import _launch_of, unspecialised
+
+    x = torch.empty(2, 9, 7, 64)
+    plans = [K.dwconv3x3_plan(x, (2, 5, 4, 64), 2, d, True) for d in (1, 2, 4)]
+    assert all(p.meta == plans[0].meta and p.grid == plans[0].grid for p in plans)
+    assert [p.scalars[-1] for p in plans] == [1, 2, 4] and all(p.scalars[:-1] == plans[0].scalars[:-1] for p in plans)
+    assert unspecialised(K._dwconv3x3_kernel) == ("dil",)
+    # the warm-up merges them into one specialisation too
+    launches = [_launch_of(p.kernel, (x, x, x, x, *p.scalars), p.meta) for p in plans]
+    assert len(set(launches)) == 1, launches
+
+
+def test_cuda_extension_routes_other_dilations_to_triton():
+    """The CUDA C++ kernel is instantiated for dilation 1 and 2; dwconv3x3_cuda runs any other dilation on
+    the Triton kernel (here on the CPU, where the extension is absent and calling it would raise)."""
+    from fastmvit.ops import cuda_ext
+
+    x, w, b = make(2, 5, 7, 24, torch.float32)
+    kw = dict(stride=2, dilation=4, act=True)
+    check(x, w, b, cuda_ext.dwconv3x3_cuda(x, w, b, **kw), "FASTMVIT_DWCONV=cuda, dilation 4", **kw)
+    if not cuda_ext.available():
+        with pytest.raises(RuntimeError, match="needs the CUDA extension"):
+            cuda_ext.dwconv3x3_cuda(x, w, b, stride=1, dilation=2)
