@@ -2,6 +2,7 @@
 SiLU, vector widths and the compile-check record."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, NamedTuple, Optional, Tuple
@@ -22,6 +23,34 @@ def interpreting() -> bool:
     """True when kernels run under TRITON_INTERPRET=1 (CPU tests): launchers then pick one large block
     configuration, since the interpreter's cost grows with the number of programs, not their size."""
     return INTERPRET
+
+
+# The architecture the launch rules pick configurations for (10 * major + minor): the GPU's own for CUDA
+# tensors; for any other device (the CPU recording an ahead-of-time warm-up, plan printing) the one
+# ``assume_arch`` sets, sm_90 by default. Resolved when a launch plan is made, not per launch.
+_ASSUMED_ARCH = [90]
+_DEVICE_ARCH: Dict[int, int] = {}
+
+
+def target_arch(device) -> int:
+    """The SM version the launch rules target for tensors on ``device``."""
+    if getattr(device, "type", device) != "cuda":
+        return _ASSUMED_ARCH[-1]
+    idx = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_ARCH:
+        major, minor = torch.cuda.get_device_capability(idx)
+        _DEVICE_ARCH[idx] = 10 * major + minor
+    return _DEVICE_ARCH[idx]
+
+
+@contextlib.contextmanager
+def assume_arch(arch: int):
+    """Launch rules for non-CUDA tensors target ``sm_<arch>`` inside (the ahead-of-time warm-up)."""
+    _ASSUMED_ARCH.append(int(arch))
+    try:
+        yield
+    finally:
+        _ASSUMED_ARCH.pop()
 
 
 def launch(kernel, grid, *args, **meta) -> None:
@@ -145,13 +174,14 @@ _SM_COUNT: Dict[int, int] = {}
 
 def sm_count(device) -> int:
     """Streaming multiprocessors of ``device``: asked of the driver once per CUDA device; for CPU tensors
-    (the interpreter, ``info --plan``) ``FASTMVIT_SM_COUNT`` (default 132, an H100 SXM). Launch rules call
-    this when a plan is resolved, never per launch."""
+    (the interpreter, ``info --plan``) ``FASTMVIT_SM_COUNT``, else the GPU the rules assume (``target_arch``):
+    132 for an H100 SXM (sm_90), 108 for an A100 below it. Launch rules call this when a plan is resolved,
+    never per launch."""
     device = torch.device(device)
     if device.type != "cuda":
         text = os.environ.get("FASTMVIT_SM_COUNT", "").strip()
         if not text:
-            return DEFAULT_SM_COUNT
+            return DEFAULT_SM_COUNT if target_arch(device) >= 90 else 108
         if not text.isdigit() or int(text) < 1:
             from fastmvit.errors import OptionError
             raise OptionError(f"FASTMVIT_SM_COUNT must be a positive integer (SMs of the GPU to plan for), "

@@ -1,9 +1,13 @@
 """Compile every kernel specialisation the engine launches for a GPU target, without a GPU, and report what
 each costs there: registers, spills (stack) and shared memory per thread block.
 
-    python -m fastmvit.kernels check [--arch 90 80] [--only NAME] [--json FILE]
+    python -m fastmvit.kernels check [--arch 90 80] [--family F ...] [--dtype fp16 ...] [--only TEXT ...]
+                                     [--json FILE] [--jobs N] [--quiet]
 
-Fails (exit 1) on a compile error or a register spill. The interpreter that runs the kernels on the CPU
+Fails (exit 1) on a compile error, a register spill, or registers over a family's cap (a kernel module's
+``max_registers(cfg, arch)``). Each family's configurations are those its launch rules pick for the
+arch checked (``compile_configs(arch=...)`` where a module's rules depend on it). A progress line per
+compile goes to stderr (``--quiet``: none). The interpreter that runs the kernels on the CPU
 enforces none of tl.dot's shape rules, power-of-two blocks or register limits; this does. Where nvcc is
 installed, the CUDA C++ kernels of csrc/ are compiled and reported too.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import re
@@ -18,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
@@ -77,30 +82,44 @@ def resource_usage(cfg, arch: int = 90) -> dict:
     ptx = compiled.asm["ptx"]
     return {"name": cfg.name, "registers": int(m[1]), "stack": int(m[2]),
             "shared": max(int(m[3]), int(getattr(compiled.metadata, "shared", 0) or 0)),
-            "num_warps": cfg.num_warps, "wgmma": ptx.count("wgmma.mma_async"), "v4": ptx.count("global.v4")}
+            "num_warps": cfg.num_warps, "wgmma": ptx.count("wgmma.mma_async"), "v4": ptx.count("global.v4"),
+            "ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4")}
 
 
 def _compile_one(family: str, index: int, arch: int) -> Result:
-    cfg = _configs(family)[index]
+    cfg = _configs(family, arch)[index]
     start = time.perf_counter()
     try:
         usage = resource_usage(cfg, arch)
     except Exception as e:  # report every failure, keep compiling the rest
         return Result(family, cfg.name, arch, False, error=f"{type(e).__name__}: {str(e)[:300]}",
                       seconds=time.perf_counter() - start)
-    spills = usage["stack"] > 0
-    return Result(family, cfg.name, arch, not spills, usage["registers"], usage["stack"], usage["shared"],
-                  error="register spill" if spills else "", seconds=time.perf_counter() - start)
+    cap_of = getattr(importlib.import_module(f"fastmvit.kernels.{family}"), "max_registers", None)
+    cap = cap_of(cfg, arch) if cap_of else None
+    error = ("register spill" if usage["stack"] > 0
+             else f"{usage['registers']} registers > cap {cap}" if cap is not None and usage["registers"] > cap
+             else "")
+    return Result(family, cfg.name, arch, not error, usage["registers"], usage["stack"], usage["shared"],
+                  error=error, seconds=time.perf_counter() - start)
 
 
 _CACHE: dict = {}
 
 
-def _configs(family: str):
-    if family not in _CACHE:
-        module = importlib.import_module(f"fastmvit.kernels.{family}")
-        _CACHE[family] = list(module.compile_configs())
-    return _CACHE[family]
+def _configs(family: str, arch: int = 90):
+    """The family's specialisations under the launch rules for sm_<arch> (one list for every arch when
+    its ``compile_configs`` takes no ``arch``)."""
+    module = importlib.import_module(f"fastmvit.kernels.{family}")
+    per_arch = "arch" in inspect.signature(module.compile_configs).parameters
+    key = (family, arch if per_arch else None)
+    if key not in _CACHE:
+        _CACHE[key] = list(module.compile_configs(arch=arch) if per_arch else module.compile_configs())
+    return _CACHE[key]
+
+
+def _matches_dtype(name: str, dtypes) -> bool:
+    """A configuration's name carries its activation dtype as a dash-separated word (``-fp16-``, ``-bf16``)."""
+    return not dtypes or any(re.search(rf"(^|-){d}(-|$)", name) for d in dtypes)
 
 
 def available_families() -> List[str]:
@@ -115,14 +134,45 @@ def available_families() -> List[str]:
     return found
 
 
-def run_checks(archs=(90, 80), only: Optional[str] = None, jobs: Optional[int] = None) -> List[Result]:
+def select(archs=(90, 80), only=None, families=None, dtypes=None):
+    """(family, config index, arch) of every compile to run: families (default all), dtypes (fp16, bf16,
+    fp32: matched against the names), only (substrings, any of which the family or name contains)."""
+    only = [only] if isinstance(only, str) else list(only or [])
+    unknown = set(families or ()) - set(available_families()) - {"csrc"}  # csrc: check_csrc's
+    if unknown:
+        raise SystemExit(f"unknown kernel families {sorted(unknown)}; known: {', '.join(available_families())}, csrc")
+    tasks = []
+    for family in available_families():
+        if families and family not in families:
+            continue
+        for arch in archs:
+            for i, cfg in enumerate(_configs(family, arch)):
+                if only and not any(o in family or o in cfg.name for o in only):
+                    continue
+                if _matches_dtype(cfg.name, dtypes):
+                    tasks.append((family, i, arch))
+    return tasks
+
+
+def run_checks(archs=(90, 80), only=None, jobs: Optional[int] = None, families=None, dtypes=None,
+               progress=None) -> List[Result]:
+    """Compile the selected specialisations in parallel; ``progress(line)`` is called as each finishes."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the compile check needs the real compiler")
-    tasks = [(family, i, arch) for family in available_families() if not only or only in family
-             for i, cfg in enumerate(_configs(family)) if not only or only in family or only in cfg.name
-             for arch in archs]
+    tasks = select(archs, only, families, dtypes)
+    if not tasks:
+        return []
+    results: List[Optional[Result]] = [None] * len(tasks)
+    start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
-        return list(pool.map(_compile_one, *zip(*tasks))) if tasks else []
+        futures = {pool.submit(_compile_one, *t): k for k, t in enumerate(tasks)}
+        for done, future in enumerate(as_completed(futures), 1):
+            r = results[futures[future]] = future.result()
+            if progress:
+                progress(f"[{done}/{len(tasks)} {time.perf_counter() - start:6.0f} s] {r.family}/{r.name} "
+                         f"sm_{r.arch}: {r.registers} regs, stack {r.stack}, {r.seconds:.1f} s"
+                         f"{'' if r.ok else ' -- ' + r.error}")
+    return results
 
 
 def check_csrc(archs=(90, 80)) -> List[Result]:
@@ -163,12 +213,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmvit.kernels check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="SM versions (default 90 80)")
-    parser.add_argument("--only", help="only kernels whose family or name contains this")
+    parser.add_argument("--family", nargs="+", help="only these kernel families (default: all), e.g. gemm conv")
+    parser.add_argument("--dtype", nargs="+", choices=("fp16", "bf16", "fp32"), help="only these dtypes")
+    parser.add_argument("--only", nargs="+", help="only kernels whose family or name contains one of these")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
-    results = run_checks(tuple(args.arch), args.only, args.jobs)
-    if not args.only or args.only in "csrc":
+    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    results = run_checks(tuple(args.arch), args.only, args.jobs, args.family, args.dtype, progress)
+    if (not args.family or "csrc" in args.family) and (not args.only or any(o in "csrc" for o in args.only)):
         results += check_csrc(tuple(args.arch))
     print(format_results(results))
     if args.json:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import (DEFAULT_SM_COUNT, MAX_SPLIT, STEP_GEMM, TRITON_DTYPE, CompileConfig, Launch, empty_output,
-                      interpreting, poisoning, silu, sm_count, split_rule, vec_width)
+                      interpreting, poisoning, silu, sm_count, split_rule, target_arch, vec_width)
 from .dwconv import out_size
 
 FLAT_K_MAX_CIN = 7  # 9 * 7 = 63 taps x channels fit one BLOCK_K = 64 gathered tile
@@ -181,12 +181,14 @@ def _block_n(cout: int) -> int:
 
 
 def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat: bool,
-                   interpret: Optional[bool] = None) -> Tuple[int, int, int, int, int]:
+                   interpret: Optional[bool] = None, arch: int = 90) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), a fixed rule (no autotuning: nothing could be
     measured, and CUDA-graph capture must not meet a first-call benchmark). BLOCK_K is the largest of
     64/32/16 dividing the input widths so the K loop has no ragged tail; float32 uses smaller tiles
     (BLOCK_K 16, BLOCK_N <= 64) since its exact ("ieee") dot runs on FMA units and holds both operands
-    in registers (BLOCK_K 32 spilled on sm_80)."""
+    in registers (BLOCK_K 32 spilled on sm_80). Below sm_90 (``arch``; mma.sync keeps each warp's
+    accumulators and operand fragments in registers) a tile of 128x64 outputs with BLOCK_K 64 takes 8
+    warps, not 4: the 64+64 fusion conv's took 255 registers and spilled under triton 3.6 (8 warps: 172)."""
     if interpreting() if interpret is None else interpret:
         bk = triton.next_power_of_2(9 * c1) if flat else min(128, triton.next_power_of_2(max(c1, c2)))
         bm = min(512, max(16, triton.next_power_of_2(M)))
@@ -199,7 +201,8 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
     bk = 16 if fp32 else next((k for k in (64, 32, 16) if all(w % k == 0 for w in widths)), 16)
     bn = min(_block_n(cout), 64) if fp32 else _block_n(cout)
     bm = 64 if fp32 or M < 8192 else 128
-    return bm, bn, bk, (8 if bm * bn >= 128 * 128 else 4), (2 if fp32 else 3)
+    wide = bm * bn >= 128 * 128 or (arch < 90 and bm * bn * bk >= 128 * 64 * 64)
+    return bm, bn, bk, (8 if wide else 4), (2 if fp32 else 3)
 
 
 ACTS = ("none", "silu", "relu")
@@ -278,7 +281,7 @@ def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, 
     c2 = x2.shape[-1] if x2 is not None else 0
     M = B * OH * OW
     flat = x2 is None and c1 <= FLAT_K_MAX_CIN
-    bm, bn, bk, warps, stages = conv3x3_config(c1, c2, cout, M, x.dtype, flat)
+    bm, bn, bk, warps, stages = conv3x3_config(c1, c2, cout, M, x.dtype, flat, arch=target_arch(x.device))
     sxb, sxh, sxw, sxc = x_strides
     s2 = x2.stride()[:3] if x2 is not None else (0, 0, 0)
     vec = vec_width(x.dtype, cout) if flat else vec_width(x.dtype, cout, c1, c2, sxb, sxh, sxw, *s2)
@@ -335,19 +338,20 @@ def conv3x3_uses(size: int = 256) -> List[Tuple[str, int, int, int, int, int]]:
     return sorted(uses)
 
 
-def compile_configs() -> List[CompileConfig]:
-    """One config per (use, dtype, tile, split): batch 1 and batch 256 can pick different BLOCK_M; where the
-    split rule splits (batch 1, on 132 SMs), the split conv, its merge and the unsplit conv
-    (``FASTMVIT_SPLIT=1``) are all compiled."""
+def compile_configs(arch: int = 90) -> List[CompileConfig]:
+    """One config per (use, dtype, tile, split) under the launch rules of sm_<arch>: batch 1 and batch 256
+    can pick different BLOCK_M; where the split rule splits (batch 1, on the SMs of an H100 for sm_90, of an
+    A100 below), the split conv, its merge and the unsplit conv (``FASTMVIT_SPLIT=1``) are all compiled."""
+    sms = DEFAULT_SM_COUNT if arch >= 90 else 108
     configs, seen = [], set()
     for kind, c1, c2, cout, stride, pixels in conv3x3_uses():
         flat = kind == "stem"
         for dtype, name in TRITON_DTYPE.items():
             for batch in (1, 256):
                 M = batch * pixels
-                cfg = conv3x3_config(c1, c2, cout, M, dtype, flat, interpret=False)
+                cfg = conv3x3_config(c1, c2, cout, M, dtype, flat, interpret=False, arch=arch)
                 bm, bn, bk, warps, stages = cfg
-                n = conv3x3_split(c1, c2, cout, M, cfg, flat, DEFAULT_SM_COUNT, interpret=False).n
+                n = conv3x3_split(c1, c2, cout, M, cfg, flat, sms, interpret=False).n
                 vec = vec_width(dtype, cout) if flat else vec_width(dtype, cout, c1, c2)
                 prec = "ieee" if dtype == torch.float32 else "tf32"
                 for split in sorted({False, n > 1}):

@@ -12,7 +12,7 @@ no compile to the classifiers' set.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -50,18 +50,20 @@ def _dwconv3x3_kernel(
     b = p // (OW * OH)
     ih0 = oh * STRIDE - dil  # padding = dilation keeps 'same' size at stride 1
     iw0 = ow * STRIDE - dil
-    x_b = x_ptr + b.to(tl.int64) * sxb
+    # One 64-bit address per pixel (its top-left tap) and a loop over the nine taps, not an unrolled one:
+    # unrolled, the compiler hoists every tap's loads and addresses (136 registers on sm_90 for fp16)
+    x_pix = x_ptr + (b.to(tl.int64) * sxb + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for kh in tl.static_range(3):
+    for t in tl.range(0, 9, num_stages=1):
+        kh = t // 3
+        kw = t - kh * 3
         ih = ih0 + kh * dil
-        row_ok = p_ok & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(3):
-            iw = iw0 + kw * dil
-            ok = row_ok & (iw >= 0) & (iw < W)
-            off = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            xv = tl.load(x_b[:, None] + off[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + (kh * 3 + kw) * C + c, mask=c_ok, other=0.0)
-            acc += xv.to(tl.float32) * wv[None, :]
+        iw = iw0 + kw * dil
+        ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xv = tl.load(x_pix[:, None] + (kh * dil * sxh + kw * dil * sxw + c)[None, :],
+                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        wv = tl.load(w_ptr + t * C + c, mask=c_ok, other=0.0)
+        acc += xv.to(tl.float32) * wv[None, :]
     acc += tl.load(b_ptr + c, mask=c_ok, other=0.0)[None, :]
     if ACT:
         acc = silu(acc)
@@ -78,15 +80,18 @@ def out_size(n: int, stride: int) -> int:
     return (n - 1) // stride + 1
 
 
-def dwconv_config(C: int, M: int = 1 << 30, interpret: bool | None = None) -> Tuple[int, int, int]:
+def dwconv_config(C: int, M: int = 1 << 30, interpret: bool | None = None,
+                  elem_bytes: int = 2) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps): up to 64 channels (128 bytes of fp16) per row so a warp's loads
-    are whole cache lines, and ~2048 elements per program (16 per thread) so narrow maps (C = 16) still
-    give each thread a full vector. The interpreter gets one large tile (its cost is per program), no
+    are whole cache lines, and 4 KiB of output per program (two 16-byte vectors per thread: 2048
+    half-precision or 1024 float32 elements) so narrow maps (C = 16) still give each thread full
+    vectors; more per thread costs registers (four fp32 vectors: 102 on sm_90 under triton 3.6) for a
+    kernel that only waits on memory. The interpreter gets one large tile (its cost is per program), no
     larger than the M output pixels need."""
     if interpreting() if interpret is None else interpret:
         return min(512, max(16, triton.next_power_of_2(M))), min(triton.next_power_of_2(C), 512), 4
     block_c = min(triton.next_power_of_2(C), 64)
-    return max(16, 2048 // block_c), block_c, 4
+    return max(16, 4096 // elem_bytes // block_c), block_c, 4
 
 
 def dwconv3x3_plan(x: torch.Tensor, y_shape: Tuple[int, int, int, int], stride: int, dilation: int,
@@ -96,7 +101,7 @@ def dwconv3x3_plan(x: torch.Tensor, y_shape: Tuple[int, int, int, int], stride: 
     B, H, W, C = x.shape
     OH, OW = y_shape[1], y_shape[2]
     M = B * OH * OW
-    block_p, block_c, warps = dwconv_config(C, M)
+    block_p, block_c, warps = dwconv_config(C, M, elem_bytes=x.element_size())
     sxb, sxh, sxw = x.stride(0), x.stride(1), x.stride(2)
     vec = vec_width(x.dtype, C, sxb, sxh, sxw)
     grid = (triton.cdiv(M, block_p), triton.cdiv(C, block_c))
@@ -115,6 +120,17 @@ def dwconv3x3_launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, y: to
 # --------------------------------------------------------------------------------------------------
 # every specialisation the engine launches
 # --------------------------------------------------------------------------------------------------
+
+# Registers per thread above which ``python -m fastmvit.kernels check`` fails, by arch and dtype: the
+# kernel only waits on memory, so occupancy is what it needs (sm_90, triton 3.9: fp16 66, bf16 53, fp32
+# 56; unrolling the nine taps again gives 138 / 142 / 106).
+REGISTER_CAPS = {90: {"fp16": 80, "bf16": 80, "fp32": 96}}
+
+
+def max_registers(cfg: CompileConfig, arch: int) -> Optional[int]:
+    """The register cap of one specialisation on sm_<arch> (None: no cap)."""
+    return REGISTER_CAPS.get(arch, {}).get(cfg.name.rsplit("-", 1)[-1])
+
 
 def _depthwise_shapes() -> List[Tuple[int, int, int]]:
     """(C, stride, dilation) of every depthwise conv in the ten released variants: the inverted
@@ -141,8 +157,8 @@ def compile_configs() -> List[CompileConfig]:
     multiple of 16, so VEC is the full 16-byte vector."""
     configs, seen = [], set()
     for C, stride, _ in _depthwise_shapes():
-        block_p, block_c, warps = dwconv_config(C, interpret=False)
         for dtype, name in TRITON_DTYPE.items():
+            block_p, block_c, warps = dwconv_config(C, interpret=False, elem_bytes=dtype.itemsize)
             vec = vec_width(dtype, C)
             key = (block_p, block_c, stride, name)
             if key in seen:

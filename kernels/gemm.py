@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ._common import (STEP_GEMM, TRITON_DTYPE, CompileConfig, Launch, empty_output, interpreting, poisoning, sm_count,
-                      split_rule)
+                      split_rule, target_arch)
 
 __all__ = ["GemmConfig", "pick_config", "is_aligned", "gemm",
            "compile_configs"]
@@ -306,7 +306,32 @@ def _pow2(x: int, lo: int, hi: int) -> int:
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[int] = None,
                 norm: bool = False, relu_scale: bool = False, pool: bool = False, aligned: bool = True,
-                sms: int = 132, interpret: Optional[bool] = None) -> GemmConfig:
+                sms: int = 132, interpret: Optional[bool] = None, arch: int = 90) -> GemmConfig:
+    """Fixed launch rules per shape class: ``_sm90_config``'s, adjusted below sm_90 (``arch``) where a
+    tile spills there (``_below_sm90``). See ``_sm90_config`` for the arguments."""
+    if interpreting() if interpret is None else interpret:
+        # The interpreter's cost grows with the number of programs, not their size.
+        return GemmConfig(_pow2(rows or M, 16, 512), _pow2(N, 16, 512), _pow2(K, 16, 256), 4, 1)
+    cfg = _sm90_config(M, N, K, dtype, rows=rows, norm=norm, relu_scale=relu_scale, pool=pool, aligned=aligned,
+                       sms=sms)
+    return cfg if arch >= 90 else _below_sm90(cfg, dtype, stats=rows is not None and not pool, pool=pool)
+
+
+def _below_sm90(cfg: GemmConfig, dtype: torch.dtype, *, stats: bool, pool: bool) -> GemmConfig:
+    """sm_80/86/89 (mma.sync: every warp holds its accumulators and operand fragments in registers, no
+    warpgroup MMA): the sm_90 tiles that spill there under triton 3.6 get smaller per-thread shares.
+    fp32 64x64x32 (96 registers + 8 bytes of stack) takes 32 rows (83); a 16-bit 64x64x64 tile that
+    emits GroupNorm statistics (bf16: 128 + 8 bytes of stack) takes 8 warps (80)."""
+    if dtype == torch.float32 and not pool and cfg.BM == 64:
+        return cfg._replace(BM=32)
+    if dtype != torch.float32 and stats and cfg == GemmConfig(64, 64, 64, 4, 3):
+        return cfg._replace(num_warps=8)
+    return cfg
+
+
+def _sm90_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[int] = None,
+                 norm: bool = False, relu_scale: bool = False, pool: bool = False, aligned: bool = True,
+                 sms: int = 132) -> GemmConfig:
     """Fixed launch rules per shape class (designed for sm_90 and checked there for spills, not timed).
 
     rows: rows per sample when tiles are sample-aligned (EMIT_STATS / POOL); norm (LN / GN) and
@@ -317,9 +342,6 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, *, rows: Optional[in
     classes are few on purpose (each is one JIT compile at warm-up) and each compiles without spills
     for sm_90, aligned or not, with every flag combination (``compile_configs``).
     """
-    if interpreting() if interpret is None else interpret:
-        # The interpreter's cost grows with the number of programs, not their size.
-        return GemmConfig(_pow2(rows or M, 16, 512), _pow2(N, 16, 512), _pow2(K, 16, 256), 4, 1)
     if dtype == torch.float32:  # IEEE fp32 dot runs on FMA units
         if pool:  # other tiles let ptxas park a few long-lived values on the stack (sm_80 or sm_90)
             return GemmConfig(32, 64, 32, 8, 2) if aligned else GemmConfig(32, 32, 32, 4, 2)
@@ -395,7 +417,7 @@ def gemm_plan(a: torch.Tensor, w: torch.Tensor, n_out: int, *, has_bias: bool = 
     cfg = config or pick_config(M, N, K, a.dtype, rows=rows_per_sample if aligned_rows else None,
                                 norm=norm != NORM_NONE, relu_scale=has_relu_scale, pool=pool,
                                 aligned=is_aligned(a, residual) and (pool or row_stride % 16 == 0),
-                                sms=sm_count(a.device))
+                                sms=sm_count(a.device), arch=target_arch(a.device))
     tiles_n = triton.cdiv(N, cfg.BN)
     tps = triton.cdiv(rows_per_sample, cfg.BM) if aligned_rows else 0
     if pool:
@@ -522,12 +544,12 @@ def _call_alignment(c) -> Tuple[str, ...]:
     return tuple(args)
 
 
-def compile_configs(batches=(1, 8, 64, 256), size: int = 256) -> List[CompileConfig]:
+def compile_configs(batches=(1, 8, 64, 256), size: int = 256, arch: int = 90) -> List[CompileConfig]:
     """Every specialisation of ``gemm_kernel`` the engine launches for the released variants at
     size x size and the given batch sizes, in the three dtypes (deduplicated), each with the arguments
     Triton will see as 16-divisible (``CompileConfig.aligned``); and, for every flag
     combination, the unaligned fallback tile with nothing but W aligned, which other channel counts
-    or strided inputs reach."""
+    or strided inputs reach. ``arch``: the launch rules of sm_<arch> (an A100's 108 SMs below sm_90)."""
     from fastmvit.variants import VARIANTS
 
     seen = {}
@@ -541,7 +563,7 @@ def compile_configs(batches=(1, 8, 64, 256), size: int = 256) -> List[CompileCon
                     rows = c["rows"] if c.get("stats") or c.get("pool") else None
                     cfg = pick_config(c["M"], c["N"], c["K"], dtype, rows=rows, pool=c.get("pool", False),
                                       norm=bool(c.get("norm")), relu_scale=c.get("relu_scale", False),
-                                      aligned=aligned, sms=132)
+                                      aligned=aligned, sms=132 if arch >= 90 else 108, arch=arch)
                     cons = dict(NORM=c.get("norm", NORM_NONE), RELU_SCALE=c.get("relu_scale", False),
                                 HAS_BIAS=c.get("bias", False), ACT=c.get("act", False), HAS_RES=c.get("res", False),
                                 EMIT_STATS=c.get("stats", False), POOL=c.get("pool", False),

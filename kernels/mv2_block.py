@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, Launch, interpreting, silu, vec_width
+from ._common import TRITON_DTYPE, CompileConfig, Launch, interpreting, silu, vec_width, target_arch
 from .dwconv import out_size
 
 # Limits of the fused kernel: the whole input row (Cin) is one dot operand and the [BLOCK_M, Cout]
@@ -90,13 +90,15 @@ def _inverted_residual_kernel(
 # --------------------------------------------------------------------------------------------------
 
 def fused_config(cin: int, hidden: int, cout: int, dtype: torch.dtype, M: int = 1 << 30,
-                 interpret: bool | None = None) -> Tuple[int, int, int, int, int, int]:
+                 interpret: bool | None = None, arch: int = 90) -> Tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_CI, BLOCK_H, BLOCK_CO, num_warps, num_stages). BLOCK_M = 64 output pixels (one
     wgmma M per warpgroup); BLOCK_H = 32 hidden channels per chunk keeps the per-tap expansion tile
     and the depthwise accumulator at 16 registers each; Cout > 64 takes 8 warps so the [64, Cout]
     accumulator stays at or under 64 registers a thread (with 4 warps those blocks need ~235).
     float32 (exact FMA dots, operands in registers) takes 32 pixels, or 16 with 8 warps once
-    Cout > 64 (8 warps cap the compiler at 128 registers; 32 pixels spilled at Cout 96)."""
+    Cout > 64 (8 warps cap the compiler at 128 registers; 32 pixels spilled at Cout 96). Below sm_90
+    (``arch``) there is no warpgroup MMA to fill: a 16-bit block on 4 warps takes 32 pixels (24-48-24
+    spilled at 64 under triton 3.6 with 128 registers; 32 pixels: 96)."""
     bci = max(16, triton.next_power_of_2(cin))
     bco = max(16, triton.next_power_of_2(cout))
     if interpreting() if interpret is None else interpret:
@@ -104,7 +106,8 @@ def fused_config(cin: int, hidden: int, cout: int, dtype: torch.dtype, M: int = 
         return min(512, max(16, triton.next_power_of_2(M))), bci, bh, bco, 4, 1
     if dtype == torch.float32:
         return (16, bci, 16, bco, 8, 1) if bco >= 128 else (32, bci, 16, bco, 4, 1)
-    return 64, bci, 32, bco, (8 if bco >= 128 else 4), 1
+    warps = 8 if bco >= 128 else 4
+    return (64 if arch >= 90 or warps == 8 else 32), bci, 32, bco, warps, 1
 
 
 def inverted_residual_plan(x: torch.Tensor, hidden: int, y_shape: Tuple[int, int, int, int], stride: int,
@@ -114,7 +117,7 @@ def inverted_residual_plan(x: torch.Tensor, hidden: int, y_shape: Tuple[int, int
     B, H, W, cin = x.shape
     OH, OW, cout = y_shape[1], y_shape[2], y_shape[3]
     M = B * OH * OW
-    bm, bci, bh, bco, warps, stages = fused_config(cin, hidden, cout, x.dtype, M)
+    bm, bci, bh, bco, warps, stages = fused_config(cin, hidden, cout, x.dtype, M, arch=target_arch(x.device))
     sxb, sxh, sxw = x.stride(0), x.stride(1), x.stride(2)
     vec = vec_width(x.dtype, cin, hidden, cout, sxb, sxh, sxw)
     return Launch(
@@ -151,17 +154,17 @@ def inverted_residual_shapes(size: int = 256) -> List[Tuple[int, int, int, int, 
     return sorted(shapes)
 
 
-def compile_configs() -> List[CompileConfig]:
+def compile_configs(arch: int = 90) -> List[CompileConfig]:
     """Every released block within the kernel's limits, in every dtype: the fusion rule
     (``fastmvit.ops.mv2_block.should_fuse``) picks among them per batch size (at batch 1 it fuses
-    nearly all of them), so each may be launched."""
+    nearly all of them), so each may be launched. ``arch``: the launch rules of sm_<arch>."""
     configs, seen = [], set()
     for cin, hidden, cout, stride, h, w in inverted_residual_shapes():
         if cin > MAX_CIN or cout > MAX_COUT:
             continue
         residual = stride == 1 and cin == cout
         for dtype, name in TRITON_DTYPE.items():
-            bm, bci, bh, bco, warps, stages = fused_config(cin, hidden, cout, dtype, interpret=False)
+            bm, bci, bh, bco, warps, stages = fused_config(cin, hidden, cout, dtype, interpret=False, arch=arch)
             const = {"STRIDE": stride, "RESIDUAL": residual, "VEC": vec_width(dtype, cin, hidden, cout),
                      "PREC": "ieee" if dtype == torch.float32 else "tf32",
                      "BLOCK_M": bm, "BLOCK_CI": bci, "BLOCK_H": bh, "BLOCK_CO": bco}

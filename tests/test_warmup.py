@@ -116,3 +116,27 @@ torch.cuda.synchronize()
     assert run.returncode == 0, run.stderr[-3000:]
     new = {p for p in cache.rglob("*") if p.is_file()} - before
     assert not new, sorted(str(p.relative_to(cache)) for p in new)[:10]
+
+
+def test_ahead_of_time_for_sm80_records_the_sm80_launch_rules(tmp_path):
+    """``--target sm_80`` records the launches sm_80's rules pick (fp32 GEMM tiles of 32 rows there, 64 on
+    sm_90), not sm_90's; nothing is compiled here (compile_launches is replaced)."""
+    script = f"""
+import json, fastmvit
+from fastmvit.engine import warmup as wu
+seen = {{}}
+def fake(launches, target, jobs=None, device_index=0):
+    seen[target] = sorted({{dict(s.args)["BM"] for s in wu.distinct(launches) if s.name == "gemm_kernel"
+                           and not dict(s.args)["POOL"]}})
+    return 0.0, [], 1
+wu.compile_launches = fake
+model = fastmvit.load("xxs", pretrained=False, backend="triton")
+for target in ("sm_80", "sm_90"):  # sm_90 after: the assumed arch is restored
+    wu.warmup(model, [1], [(64, 64)], target=target)
+json.dump(seen, open({str(tmp_path / 'r.json')!r}, "w"))
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.load(open(tmp_path / "r.json"))
+    assert 64 in seen["sm_90"] and 64 not in seen["sm_80"] and 32 in seen["sm_80"], seen

@@ -296,7 +296,12 @@ def warmup(model, batches: Iterable[int] = (1,), sizes: Iterable[Tuple[int, int]
     if target == "cuda" and device.type != "cuda":
         raise ValueError("target='cuda' warms Triton's cache for the model's GPU: move the model there first")
     start = time.perf_counter()
-    launches = record_launches(model, batches, sizes)
+    from ..kernels._common import assume_arch
+
+    # ahead of time: the launch rules of the target (sm_80's tiles differ from sm_90's), not sm_90's
+    ahead = target.startswith("sm_") and target[3:].isdigit()
+    with assume_arch(int(target[3:])) if ahead else contextlib.nullcontext():
+        launches = record_launches(model, batches, sizes)
     record_s = time.perf_counter() - start
     index = device.index if device.index is not None else (torch.cuda.current_device() if target == "cuda" else 0)
     seconds, failures, used = compile_launches(launches, target, jobs, device_index=index)

@@ -144,7 +144,7 @@ def kernel_shapes(cin: int, hidden: int, cout: int, stride: int, *, height: int,
         return -(-M // c.BM) * -(-N // c.BN), -(-K // c.BK), CTAS_PER_SM_GEMM
 
     bm, _, bh, _, warps, _ = _k.fused_config(cin, hidden, cout, dt, p_out, interpret=False)
-    block_p, block_c, _ = dwconv_config(hidden, p_out, interpret=False)
+    block_p, block_c, _ = dwconv_config(hidden, p_out, interpret=False, elem_bytes=elem_bytes)
     return {"fused": (-(-p_out // bm), -(-hidden // bh) * 9, 1 if warps == 8 else 2),
             "expand": gemm(p_in, hidden, cin),
             "depthwise": (-(-p_out // block_p) * -(-hidden // block_c), 1, CTAS_PER_SM_GEMM),

@@ -215,7 +215,7 @@ def test_small_tiles_cover_ragged_edges(monkeypatch, dtype):
     """Force 16-pixel tiles and 16-channel hidden chunks: several programs (the last ragged: 35 pixels)
     and three chunks of the 48 hidden channels accumulated into the projection."""
     real = K.fused_config
-    monkeypatch.setattr(K, "fused_config", lambda cin, hidden, cout, dtype, M=0, interpret=None:
+    monkeypatch.setattr(K, "fused_config", lambda cin, hidden, cout, dtype, M=0, interpret=None, arch=90:
                         (16,) + real(cin, hidden, cout, dtype, M, interpret=True)[1:2] + (16,)
                         + real(cin, hidden, cout, dtype, M, interpret=True)[3:])
     weights = random_weights(24, 48, 24)
