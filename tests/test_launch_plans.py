@@ -259,3 +259,27 @@ def test_context_plan_turns_a_4d_qkv_into_rows_on_every_call():
     plan = sepattn_context_plan(qkv(), d)
     x = qkv()
     torch.testing.assert_close(plan(x, d), sepattn_context(x, d), rtol=0, atol=0)
+
+
+def test_replayed_outputs_are_allocated_as_torch_empty_would(monkeypatch):
+    """A replay allocates its outputs from a prototype per (dtype, device) (``empty_output(..., traced=False)``):
+    the shape and dtype asked for, an ordinary tensor outside inference mode even when the prototype was
+    first needed inside it (a later in-place update must work), NaN when poisoning. The traced path (the
+    registered ops' bodies) keeps torch.empty, which fake tensors (torch.compile) can follow."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastmvit.kernels import _common
+
+    monkeypatch.setattr(_common, "_PROTOTYPES", {})
+    device = torch.device(DEVICE)
+    with torch.inference_mode():
+        first = _common.empty_output((2, 3), torch.float16, device, False, traced=False)
+    assert first.is_inference()
+    for dtype, shape in ((torch.float32, (5,)), (torch.float16, (1, 4, 4, 8)), (torch.float32, (3, 2))):
+        out = _common.empty_output(shape, dtype, device, False, traced=False)
+        assert (out.shape, out.dtype, out.device) == (shape, dtype, device) and not out.is_inference()
+        out.fill_(0)
+    assert _common.empty_output((4,), torch.float16, device, True, traced=False).isnan().all()
+    with FakeTensorMode():
+        fake = _common.empty_output((6, 7), torch.float16, device, False, traced=True)
+    assert fake.shape == (6, 7) and fake.dtype == torch.float16

@@ -270,7 +270,7 @@ class FusedPlan:
     def run(self, x, w1, b1, wdw, bdw, w3, b3, traced: bool = False) -> torch.Tensor:
         if self.copy:
             x = x.contiguous()
-        y = empty_output(self.y_shape, self.dtype, self.device, self.poison)
+        y = empty_output(self.y_shape, self.dtype, self.device, self.poison, traced)
         if self.launch is not None:
             (self.launch.traced if traced else self.launch)(x, w1, b1, wdw, bdw, w3, b3, y)
         return y
