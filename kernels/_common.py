@@ -106,9 +106,34 @@ def poisoning() -> bool:
     return os.environ.get("FASTMVIT_POISON_OUTPUTS") == "1"
 
 
-def empty_output(shape, dtype: torch.dtype, device, poison: Optional[bool] = None) -> torch.Tensor:
-    """``torch.empty`` for a kernel's output; NaN-filled when ``poison`` (default: ``poisoning()``)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+# An empty tensor per (dtype, device) whose ``new_empty`` allocates the outputs of a replayed plan: one
+# overload and no keyword arguments to parse, where ``torch.empty(shape, dtype=, device=)`` is among the
+# dearest calls of a replayed forward (one per output, ~90 per forward); like torch.empty, new_empty
+# follows the current grad mode, not the prototype's. Traced calls (the registered ops' bodies) keep
+# torch.empty: under torch.compile they run on fake tensors, which a real prototype cannot make.
+_PROTOTYPES: Dict[Tuple[torch.dtype, Any], torch.Tensor] = {}
+
+
+def _prototype(dtype: torch.dtype, device) -> torch.Tensor:
+    proto = torch.empty(0, dtype=dtype, device=device)
+    if proto.device == device:  # not "cuda" without an index: that one means the current device, which moves
+        _PROTOTYPES[(dtype, device)] = proto
+    return proto
+
+
+def empty_output(shape, dtype: torch.dtype, device, poison: Optional[bool] = None,
+                 traced: bool = True) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)`` for a kernel's output (from a prototype, a little
+    cheaper, where ``traced`` is False: the eager replay); NaN-filled when ``poison`` (default:
+    ``poisoning()``)."""
+    if traced:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        try:
+            proto = _PROTOTYPES[dtype, device]
+        except KeyError:
+            proto = _prototype(dtype, device)
+        out = proto.new_empty(shape)
     if poisoning() if poison is None else poison:
         out.fill_(float("nan"))
     return out

@@ -208,7 +208,7 @@ class AttentionPlan:
 
     def __call__(self, qkv: torch.Tensor, out: torch.Tensor | None = None, traced: bool = False) -> torch.Tensor:
         if out is None:
-            out = empty_output(self.out_shape, self.dtype, self.device, self.poison)
+            out = empty_output(self.out_shape, self.dtype, self.device, self.poison, traced)
         if self.launch is not None:
             (self.launch.traced if traced else self.launch)(qkv, out)
         return out

@@ -390,11 +390,11 @@ class GemmPlan:
         self.out_dtype, self.stats_shape, self.device, self.poison = out_dtype, stats_shape, device, poison
 
     def __call__(self, a, w, bias, residual, group_stats, relu_scale, traced: bool = False):
-        out = empty_output(self.out_shape, self.out_dtype, self.device, self.poison)
+        out = empty_output(self.out_shape, self.out_dtype, self.device, self.poison, traced)
         if self.padded:
             out = out[:, :self.n_out]
         stats = None if self.stats_shape is None else \
-            empty_output(self.stats_shape, torch.float32, self.device, self.poison)
+            empty_output(self.stats_shape, torch.float32, self.device, self.poison, traced)
         (self.launch.traced if traced else self.launch)(
             a, w, out if bias is None else bias, out if residual is None else residual, out,
             out if group_stats is None else group_stats, out if relu_scale is None else relu_scale,

@@ -77,7 +77,7 @@ class PoolPlan:
         self.launch, self.out_shape, self.device, self.poison = launch_, out_shape, device, poison
 
     def __call__(self, x, w, bias, traced: bool = False) -> torch.Tensor:
-        out = empty_output(self.out_shape, torch.float32, self.device, self.poison)
+        out = empty_output(self.out_shape, torch.float32, self.device, self.poison, traced)
         (self.launch.traced if traced else self.launch)(x, w, out if bias is None else bias, out)
         return out
 

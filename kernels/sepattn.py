@@ -116,11 +116,11 @@ class ContextPlan:
         self.merge, self.ws_shape, self.decision = merge, ws_shape, decision
 
     def __call__(self, qkv: torch.Tensor, traced: bool = False) -> torch.Tensor:
-        cv = empty_output(self.out_shape, torch.float32, self.device, self.poison)
+        cv = empty_output(self.out_shape, torch.float32, self.device, self.poison, traced)
         if self.merge is None:
             (self.launch.traced if traced else self.launch)(qkv, cv)
             return cv
-        ws = empty_output(self.ws_shape, torch.float32, self.device, self.poison)
+        ws = empty_output(self.ws_shape, torch.float32, self.device, self.poison, traced)
         (self.launch.traced if traced else self.launch)(qkv, ws)
         (self.merge.traced if traced else self.merge)(ws, cv)
         return cv

@@ -184,3 +184,104 @@ def test_info_plan_resources_compile_a_launch_for_sm90():
     row = next(r for r in plan_info.launches("xxs", 1, 64) if r["kernel"] == "gemm.gemm_kernel")
     (usage,) = plan_info.resources([row])
     assert usage is not None and usage["registers"] > 0 and usage["stack"] == 0 and 0 < usage["occupancy"] <= 1
+
+
+def _counting_rule(monkeypatch, fuse_when_batch=None):
+    """Replace ``mv2_block.should_fuse`` by a counter (answering "fuse" for one batch size, if given, else
+    the real rule's answer): how often the engine asks the fuse-or-not rule."""
+    from fastmvit.ops import mv2_block
+
+    real, asked = mv2_block.should_fuse, []
+
+    def rule(*args, **kwargs):
+        asked.append(kwargs["batch"])
+        return real(*args, **kwargs) if fuse_when_batch is None else kwargs["batch"] == fuse_when_batch
+
+    monkeypatch.setattr(mv2_block, "should_fuse", rule)
+    return asked
+
+
+def test_the_fuse_rule_is_answered_once_per_signature(checked, monkeypatch):
+    """The inverted residual's fuse-or-not rule reads only the input's shape: it is asked when a signature
+    is recorded, never on a replay, and each signature keeps its own answer (batch 2 fuses every block
+    here, batch 1 none), so a replay launches what its own recording launched."""
+    from fastmvit.benchmark.host import stubbed_launches
+
+    asked = _counting_rule(monkeypatch, fuse_when_batch=2)
+    _, engine = _engine("s", torch.float16)
+    blocks = sum(type(s).__name__ == "InvertedResidualStep" for s in engine.steps)
+    one, two = images((1, 3, 64, 64)).half().to(DEVICE), images((2, 3, 64, 64)).half().to(DEVICE)
+    with torch.inference_mode():
+        with stubbed_launches():
+            engine(one), engine(two)
+        assert sorted(asked) == [1] * blocks + [2] * blocks and len(engine._plans) == 2
+        asked.clear()
+        for x, fused in ((two, blocks), (one, 0), (two, blocks)):
+            with stubbed_launches() as launches:
+                engine(x)
+            assert launches.get("mv2_block._inverted_residual_kernel", 0) == fused
+            assert launches.get("dwconv._dwconv3x3_kernel", 0) == blocks - fused
+    assert asked == []
+
+
+def test_a_rebuilt_engine_asks_the_fuse_rule_again(monkeypatch):
+    """The rule's answers live in the engine's launch plans, so whatever rebuilds the engine (numerics,
+    dtype, weights) asks it again rather than replaying a stale answer."""
+    from fastmvit.benchmark.host import stubbed_launches
+    from fastmvit.model import Numerics
+
+    asked = _counting_rule(monkeypatch)
+    model = fastmvit.load("v2-0.5", pretrained=False, backend="triton", device=DEVICE)
+    x = images((1, 3, 64, 64)).to(DEVICE)
+    with torch.inference_mode(), stubbed_launches():
+        model(x)
+        blocks = len(asked)
+        assert blocks > 0
+        model(x)
+        assert len(asked) == blocks                          # replayed
+        model.set_numerics(Numerics(v2_odd_size="hf"))
+        model(x)
+        assert len(asked) == 2 * blocks                      # a new engine: asked again
+        model.half()
+        model(x.half())
+        assert len(asked) == 3 * blocks
+
+
+def test_context_plan_turns_a_4d_qkv_into_rows_on_every_call():
+    """``sepattn_context_plan`` decides once whether qkv needs turning into [rows, C] (here a 4-D map that
+    is not row-contiguous: a copy); each call of the plan then does it, and agrees with the op."""
+    from fastmvit.ops.sepattn import sepattn_context, sepattn_context_plan
+
+    B, H, W, d = 1, 4, 6, 16
+    g = torch.Generator().manual_seed(3)
+
+    def qkv():  # [B, H, W, 1 + 2d] as a transposed view: rows are not contiguous
+        return torch.randn(B, W, H, 1 + 2 * d, generator=g).to(DEVICE).transpose(1, 2)
+
+    plan = sepattn_context_plan(qkv(), d)
+    x = qkv()
+    torch.testing.assert_close(plan(x, d), sepattn_context(x, d), rtol=0, atol=0)
+
+
+def test_replayed_outputs_are_allocated_as_torch_empty_would(monkeypatch):
+    """A replay allocates its outputs from a prototype per (dtype, device) (``empty_output(..., traced=False)``):
+    the shape and dtype asked for, an ordinary tensor outside inference mode even when the prototype was
+    first needed inside it (a later in-place update must work), NaN when poisoning. The traced path (the
+    registered ops' bodies) keeps torch.empty, which fake tensors (torch.compile) can follow."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastmvit.kernels import _common
+
+    monkeypatch.setattr(_common, "_PROTOTYPES", {})
+    device = torch.device(DEVICE)
+    with torch.inference_mode():
+        first = _common.empty_output((2, 3), torch.float16, device, False, traced=False)
+    assert first.is_inference()
+    for dtype, shape in ((torch.float32, (5,)), (torch.float16, (1, 4, 4, 8)), (torch.float32, (3, 2))):
+        out = _common.empty_output(shape, dtype, device, False, traced=False)
+        assert (out.shape, out.dtype, out.device) == (shape, dtype, device) and not out.is_inference()
+        out.fill_(0)
+    assert _common.empty_output((4,), torch.float16, device, True, traced=False).isnan().all()
+    with FakeTensorMode():
+        fake = _common.empty_output((6, 7), torch.float16, device, False, traced=True)
+    assert fake.shape == (6, 7) and fake.dtype == torch.float16

@@ -86,15 +86,9 @@ class InvertedResidualStep:
         self.project = gemm.pack_linear(w3, b3, dtype=dtype, device=device)
         self.residual = m.has_residual
 
-    def use_fused(self, x) -> bool:
-        p = self.fused
-        if p is None:
-            return False
-        return mv2_block.should_fuse(p.cin, p.hidden, p.cout, self.stride, height=x.shape[1], width=x.shape[2],
-                                     batch=x.shape[0])
-
     def __call__(self, x, run: Run):
-        if self.use_fused(x):
+        # a rule: a replay returns the recorded answer; a dilated block has no fused form
+        if self.fused is not None and run(mv2_block.fuse_choice, x, self.fused):
             return run(mv2_block.inverted_residual, x, self.fused, fused=True)
         B, H, W, C = x.shape
         rows = x.reshape(-1, C)
@@ -127,7 +121,7 @@ class MobileViTStep:
         B, H, W, C = x.shape
         y = run(conv.conv3x3, x, self.local_w, self.local_b, stride=1, act=True)
         t = run(gemm.linear, y.reshape(-1, C), self.to_tokens).reshape(B, H, W, -1)
-        Hp, Wp = math.ceil(H / 2) * 2, math.ceil(W / 2) * 2
+        Hp, Wp = H + H % 2, W + W % 2  # the map rounded up to whole 2x2 patches
         resized = (Hp, Wp) != (H, W)
         if resized:
             t = _interpolate_nhwc(t, (Hp, Wp), align_corners=False)
@@ -159,6 +153,7 @@ class MobileViTv2Step:
         self.depthwise = _depthwise_op(self.dilation)
         self.to_tokens = pack(m.conv_1x1.weight)
         self.d = m.conv_1x1.weight.shape[0]
+        self.qkv_columns = sepattn.qkv_columns(self.d)  # where pack_qkv put q and k
         self.layers = [(sepattn.pack_qkv(t.attn.qkv_proj.weight, t.attn.qkv_proj.bias, norm_weight=t.norm1.weight,
                                          norm_bias=t.norm1.bias, dtype=dtype, device=device),
                         pack(t.attn.out_proj.weight, t.attn.out_proj.bias),
@@ -187,7 +182,7 @@ class MobileViTv2Step:
         t, stats = run(gemm.linear, y.reshape(-1, C), self.to_tokens, emit_group_stats=True, rows_per_sample=hw)
         for qkv_w, out_w, fc1_w, fc2_w in self.layers:
             qkv = run(gemm.linear, t, qkv_w, norm="group", group_stats=stats, rows_per_sample=hw)
-            cv = run(sepattn.sepattn_context, qkv, d, Ht, Wt, **sepattn.qkv_columns(d))
+            cv = run(sepattn.sepattn_context, qkv, d, Ht, Wt, **self.qkv_columns)
             t, stats = run(gemm.linear, qkv[:, d:2 * d], out_w, relu_scale=cv, hw=(Ht, Wt), residual=t,
                                    emit_group_stats=True, rows_per_sample=hw)
             h = run(gemm.linear, t, fc1_w, norm="group", group_stats=stats, rows_per_sample=hw, act="silu")

@@ -6,6 +6,7 @@ shapes are resolved into a plan, which is recorded and called. Every later forwa
 replays the recorded plans in order: the steps' own code runs again (views, and branches that depend on
 shapes only, so on the signature), but each op call is an allocation and ``kernel.run`` with nothing
 left to decide: no checks, no configuration rules, no environment reads, and no custom-op dispatch.
+Rules the steps ask (fuse the inverted residual or not) go through ``run`` as well and are answered once.
 
 Why replaying by position is sound: a step's calls, and every tensor's shape, strides and offset
 inside the forward, follow from the input's signature alone (kernel outputs are fresh, contiguous
@@ -34,6 +35,27 @@ PLANS: Dict[Callable, Callable] = {
     aspp.pointwise: aspp.pointwise_plan,
     labels.bilinear_argmax: labels.bilinear_argmax_plan,
 }
+
+
+class Resolved:
+    """The plan of a rule (a decision that reads only the signature, not a launch): its answer, fixed."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, *args, **kwargs):
+        return self.value
+
+
+def resolve_once(rule: Callable) -> Callable:
+    """A ``PLANS`` entry for ``rule``: asked when a signature is recorded, its answer replayed."""
+    return lambda *args, **kwargs: Resolved(rule(*args, **kwargs))
+
+
+# Rules a step asks through ``run`` (``if run(rule, ...)``) so that they are answered once per signature.
+PLANS[mv2_block.fuse_choice] = resolve_once(mv2_block.fuse_choice)
 
 Call = Tuple[Callable, Callable, tuple]  # (op, its plan, the tensor metadata it was resolved for)
 
@@ -96,4 +118,4 @@ class CheckedReplay:
             raise RuntimeError(f"launch plan replay made {self.index} of {len(self.calls)} recorded calls")
 
 
-__all__ = ["PLANS", "direct", "Recorder", "Replay", "CheckedReplay"]
+__all__ = ["PLANS", "Resolved", "resolve_once", "direct", "Recorder", "Replay", "CheckedReplay"]

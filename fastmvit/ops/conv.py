@@ -110,7 +110,7 @@ class ConvPlan:
     def __call__(self, x, w, bias, *, x2=None, traced: bool = False, **_):
         if self.prepare is not None:
             x, x2, _nchw = _prepare(x, x2, self.prepare)
-        y = empty_output(self.y_shape, self.dtype, self.device, self.poison)
+        y = empty_output(self.y_shape, self.dtype, self.device, self.poison, traced)
         if self.launch is not None:
             (self.launch.traced if traced else self.launch)(x, x if x2 is None else x2, w, bias, y)
         return y

@@ -77,7 +77,7 @@ class DwconvPlan:
     def __call__(self, x, w, bias, *, traced: bool = False, **_):
         if self.copy:
             x = x.contiguous()
-        y = empty_output(self.y_shape, self.dtype, self.device, self.poison)
+        y = empty_output(self.y_shape, self.dtype, self.device, self.poison, traced)
         if self.launch is not None:
             (self.launch.traced if traced else self.launch)(x, w, bias, y)
         return y

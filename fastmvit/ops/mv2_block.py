@@ -11,6 +11,7 @@ Public API (the engine's contract)::
     y = inverted_residual(x, p)                # x [B, H, W, Cin] NHWC in p.dtype -> y [B, OH, OW, Cout]
     y = inverted_residual(x, p, fused=False)   # force a path; None (default) asks should_fuse()
     should_fuse(cin, hidden, cout, stride, height=H, width=W, batch=B)  # -> bool, see its docstring
+    fuse_choice(x, p)                          # should_fuse for x's map and batch
     y = inverted_residual_unfused(x, p, expand=None, project=None)     # the three-kernel path
     y_ref = inverted_residual_reference(x, p)                          # plain PyTorch in x.dtype
 
@@ -38,7 +39,7 @@ from ._common import check_nhwc, inference_only
 from .dwconv import dwconv3x3
 
 __all__ = ["PackedInvertedResidual", "pack_inverted_residual", "inverted_residual", "inverted_residual_plan", "inverted_residual_unfused",
-           "inverted_residual_reference", "should_fuse", "fusion_estimate"]
+           "inverted_residual_reference", "should_fuse", "fuse_choice", "fusion_estimate"]
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,12 @@ def should_fuse(cin: int, hidden: int, cout: int, stride: int, *, height: Option
     return est["fused"] <= FUSE_MARGIN * est["unfused"]
 
 
+def fuse_choice(x: torch.Tensor, p: PackedInvertedResidual) -> bool:
+    """``should_fuse`` for block ``p`` on NHWC ``x``: it reads only x's shape, so the engine asks it once
+    per input signature (its launch plans record the answer: ``fastmvit.engine.replay.PLANS``)."""
+    return should_fuse(p.cin, p.hidden, p.cout, p.stride, height=x.shape[1], width=x.shape[2], batch=x.shape[0])
+
+
 # --------------------------------------------------------------------------------------------------
 # the op and the two paths
 # --------------------------------------------------------------------------------------------------
@@ -263,7 +270,7 @@ class FusedPlan:
     def run(self, x, w1, b1, wdw, bdw, w3, b3, traced: bool = False) -> torch.Tensor:
         if self.copy:
             x = x.contiguous()
-        y = empty_output(self.y_shape, self.dtype, self.device, self.poison)
+        y = empty_output(self.y_shape, self.dtype, self.device, self.poison, traced)
         if self.launch is not None:
             (self.launch.traced if traced else self.launch)(x, w1, b1, wdw, bdw, w3, b3, y)
         return y
@@ -295,8 +302,7 @@ def inverted_residual(x: torch.Tensor, p: PackedInvertedResidual, *, fused: Opti
     """The block on NHWC ``x [B, H, W, Cin]`` -> ``[B, OH, OW, Cout]`` in x.dtype; ``fused=None`` asks
     ``should_fuse`` with x's map and batch."""
     if fused is None:
-        fused = should_fuse(p.cin, p.hidden, p.cout, p.stride, height=x.shape[1], width=x.shape[2],
-                            batch=x.shape[0])
+        fused = fuse_choice(x, p)
     if not fused:
         return inverted_residual_unfused(x, p)
     if x.stride(-1) != 1:
@@ -309,8 +315,7 @@ def inverted_residual_plan(x: torch.Tensor, p: PackedInvertedResidual, *, fused:
     fused kernel launches without the op dispatch (the unfused path is returned as it is: its three ops
     are planned where the engine calls them one by one)."""
     if fused is None:
-        fused = should_fuse(p.cin, p.hidden, p.cout, p.stride, height=x.shape[1], width=x.shape[2],
-                            batch=x.shape[0])
+        fused = fuse_choice(x, p)
     if not fused:
         return inverted_residual
     copy = x.stride(-1) != 1

@@ -97,13 +97,14 @@ class ContextPlan:
     """``sepattn_context`` resolved once for one signature: called with the same arguments, it launches
     without the op dispatch."""
 
-    __slots__ = ("plan", "H", "W")
+    __slots__ = ("plan", "H", "W", "as_rows")
 
-    def __init__(self, plan, H, W):
+    def __init__(self, plan, H, W, as_rows: bool):
         self.plan, self.H, self.W = plan, H, W
+        self.as_rows = as_rows  # qkv is not yet the kernel's [rows, C] with unit column stride (decided once)
 
     def __call__(self, qkv: Tensor, d: int, H: Optional[int] = None, W: Optional[int] = None, **_) -> Tensor:
-        if qkv.dim() != 2 or qkv.stride(1) != 1:
+        if self.as_rows:
             qkv = _as_rows(qkv, self.H, self.W)[0]
         return self.plan(qkv)
 
@@ -112,7 +113,7 @@ def sepattn_context_plan(qkv: Tensor, d: int, H: Optional[int] = None, W: Option
                          q_col: int = 0, k_col: int = 1) -> ContextPlan:
     """The checks and launch configuration of ``sepattn_context`` for a qkv like this one, done once."""
     rows, d, H, W, q_col, k_col = _resolve(qkv, d, H, W, q_col, k_col)
-    return ContextPlan(_k.context_plan(rows, d, H, W, q_col, k_col), H, W)
+    return ContextPlan(_k.context_plan(rows, d, H, W, q_col, k_col), H, W, rows is not qkv)
 
 
 def sepattn_context_reference(qkv: Tensor, d: int, H: int, W: int, *, q_col: int = 0, k_col: int = 1) -> Tensor:
