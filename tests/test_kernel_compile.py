@@ -94,10 +94,13 @@ def test_sampled_specialisations_compile_for_sm90(family):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["compiled"], f"{family}: no specialisation compiled"
+    problems = []
     for use in result["compiled"]:
-        assert use["stack"] == 0, f"{use['name']}: {use['stack']} bytes of register spills"
-        if use["dot"] and use["kernel"] not in NO_WGMMA and SIXTEEN_BIT & set(use["dtypes"]):
-            assert use["wgmma"] > 0, f"{use['name']}: a 16-bit tl.dot without a Hopper warpgroup MMA"
+        if use["stack"]:
+            problems.append(f"{use['name']}: {use['stack']} bytes of register spills")
+        if use["dot"] and use["kernel"] not in NO_WGMMA and SIXTEEN_BIT & set(use["dtypes"]) and not use["wgmma"]:
+            problems.append(f"{use['name']}: a 16-bit tl.dot without a Hopper warpgroup MMA")
+    assert not problems, f"{len(problems)} of {len(result['compiled'])} compiled:\n" + "\n".join(problems)
 
 
 def test_the_sample_covers_what_it_claims():
