@@ -14,6 +14,8 @@
 #   compile  torch.compile (default and reduce-overhead) at COMPILE_BATCHES
 #   plan     `python -m fastmvit info --plan` (the launch plan's predictions, when that command exists)
 #   kernels  the kernel microbenchmarks (their JSON beside the plan)
+#   split    MODEL DTYPE at batch 1 with the batch-1 splits off (FASTMVIT_SPLIT=1, nosplit.json): against
+#            the bench stage's batch 1, the split rule's choice measured (the plan has its estimates)
 #   report   results.json, report.md and the plots from whatever the bench stages finished
 #
 #   bash bench/gpu_visit.sh                               # all of it, within TOTAL=570 s
@@ -28,13 +30,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-STAGES=${STAGES:-"install warmup tests bench compile plan kernels report"}
+STAGES=${STAGES:-"install warmup tests bench compile plan kernels split report"}
 WARMUP_TIMEOUT=${WARMUP_TIMEOUT:-90}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-200}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}
 COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-150}
 PLAN_TIMEOUT=${PLAN_TIMEOUT:-30}
 KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-60}
+SPLIT_TIMEOUT=${SPLIT_TIMEOUT:-40}
 TOTAL=${TOTAL:-570}          # seconds the whole visit may take; later stages shrink to fit
 MODEL=${MODEL:-s}
 DTYPE=${DTYPE:-float16}
@@ -148,6 +151,12 @@ fi
 if has kernels; then
     stage "kernel microbenchmarks" "$KERNELS_TIMEOUT" "$LOG" \
         python3 -m fastmvit bench kernels --dtypes "$DTYPE" --json "$OUT/kernels.json"
+fi
+
+if has split; then  # not in the report: the same engine names as the bench stage's, another setting
+    stage "bench: $MODEL $DTYPE batch 1 without splits" "$SPLIT_TIMEOUT" "$LOG" \
+        env FASTMVIT_SPLIT=1 python3 -m fastmvit bench --models "$MODEL" --dtypes "$DTYPE" --batches 1 \
+        --engines fastmvit,fastmvit-nograph --json "$OUT/nosplit.json"
 fi
 
 if [[ -n "${CSRC_PID:-}" ]]; then

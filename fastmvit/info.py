@@ -37,6 +37,9 @@ def collect_info() -> Dict[str, object]:
             p = torch.cuda.get_device_properties(i)
             devices.append(f"cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
     info["devices"] = devices or ["cpu only"]
+    from .cpu import auto_summary
+
+    info["CPU engine (backend='auto' on CPU tensors)"] = auto_summary()
     try:
         from .engine.backends import extension_status, op_backends
     except ImportError:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["VOC_CLASSES", "voc_palette", "label_map", "mask_png", "overlay", "segment_image", "write_masks",
+__all__ = ["VOC_CLASSES", "voc_palette", "label_map", "whole_image_array", "mask_png", "overlay", "segment_image", "write_masks",
            "print_written_masks"]
 
 # PASCAL VOC 2012 in training index order (Apple's DeepLabV3 checkpoints and their HF id2label).
@@ -37,17 +37,45 @@ def voc_palette(n: int = 256) -> np.ndarray:
     return out
 
 
+# Upsampled logits larger than this are resized one class at a time (see label_map).
+LABEL_MAP_CHUNK_BYTES = 64 * 2**20
+
+
 def label_map(logits: torch.Tensor, size: Optional[Tuple[int, int]] = None,
-              align_corners: bool = False) -> torch.Tensor:
-    """Class index of every pixel: ``[B, C, h, w]`` logits -> ``[B, H, W]`` int64, bilinearly resized to
+              align_corners: bool = False, *, max_bytes: int = LABEL_MAP_CHUNK_BYTES,
+              dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Class index of every pixel: ``[B, C, h, w]`` logits -> ``[B, H, W]`` ``dtype``, bilinearly resized to
     ``size`` = (H, W) first when given (Hugging Face's ``post_process_semantic_segmentation`` resizes with
-    ``align_corners=False``; ml-cvnets' head with True)."""
+    ``align_corners=False``; ml-cvnets' head with True).
+
+    Memory stays bounded for large images and many classes: when the resized logits would take more than
+    ``max_bytes``, they are resized one class at a time and a running maximum keeps the best class (the
+    first on ties, as ``argmax``), so at most about three ``[B, H, W]`` planes exist at once instead of
+    ``C`` of them. Each class's plane is the one ``F.interpolate`` computes for all of them together, so
+    the labels are the same either way. ``dtype``: ``torch.uint8`` suffices below 256 classes."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise InputError(f"expected segmentation logits [B, num_classes, h, w], got {shape}")
-    if size is not None and tuple(size) != tuple(logits.shape[-2:]):
-        logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=align_corners)
-    return logits.argmax(dim=1)
+    if size is None or tuple(size) == tuple(logits.shape[-2:]):
+        return logits.argmax(dim=1).to(dtype)
+    size = tuple(int(s) for s in size)
+    B, C = logits.shape[:2]
+    if B * C * size[0] * size[1] * 4 <= max_bytes:
+        return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=align_corners) \
+            .argmax(dim=1).to(dtype)
+
+    def plane(c: int) -> torch.Tensor:  # [B, H, W]; one channel: interpolate's own arithmetic, bit for bit
+        return F.interpolate(logits[:, c:c + 1].float(), size=size, mode="bilinear",
+                             align_corners=align_corners)[:, 0]
+
+    best = plane(0)
+    labels = torch.zeros(best.shape, dtype=dtype, device=logits.device)
+    for c in range(1, C):
+        p = plane(c)
+        better = p > best  # strictly: a tie keeps the earlier class, as argmax does
+        labels.masked_fill_(better, c)
+        torch.maximum(best, p, out=best)
+    return labels
 
 
 def _labels_array(labels) -> np.ndarray:
@@ -89,9 +117,10 @@ def overlay(image, labels, alpha: float = 0.5):
     return Image.fromarray(np.clip(np.rint(blend), 0, 255).astype(np.uint8), "RGB")
 
 
-def _whole_image(img, cfg) -> torch.Tensor:
+def whole_image_array(img, cfg) -> np.ndarray:
     """Resize the shorter side to the model's input size (no crop, so the mask covers the whole image),
-    order the channels and scale to [0, 1] as ``fastmvit.preprocess`` does."""
+    order the channels and scale to [0, 1] as ``fastmvit.preprocess`` does: ``[3, h, w]`` float32 NumPy
+    (no torch op: the serving plug-ins decode with it in their HTTP processes)."""
     from PIL import Image
 
     w, h = img.size
@@ -103,7 +132,11 @@ def _whole_image(img, cfg) -> torch.Tensor:
     if cfg.channel_order == "BGR":
         arr = arr[..., ::-1]
     x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _whole_image(img, cfg) -> torch.Tensor:
+    return torch.from_numpy(whole_image_array(img, cfg))
 
 
 def segment_image(model, image) -> torch.Tensor:

@@ -39,7 +39,6 @@ miss float32 accuracy by ~1000x and IEEE FMA dots spill their operands at these 
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -47,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, Launch, empty_output, interpreting, poisoning
+from ._common import TRITON_DTYPE, CompileConfig, Launch, empty_output, interpreting, poisoning, sm_count
 
 __all__ = ["AttentionConfig", "gpu_configs", "launch_config", "patch_attention", "compile_configs"]
 
@@ -154,11 +153,6 @@ class AttentionConfig:
     num_stages: int
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def gpu_configs(N: int, dtype: torch.dtype, head_dim: int) -> list:
     """The GPU tiles for ``N`` tokens. 16-bit dtypes: short sequences (N <= 32) pack ``64 / pow2(N)``
     groups into one 64x64 step; longer ones take one group per program, 64-key steps, and 128 (8 warps)
@@ -190,8 +184,7 @@ def launch_config(N: int, n_groups: int, dtype: torch.dtype, head_dim: int,
     if len(configs) == 1:
         return configs[0]
     big, small = configs
-    on_cuda = device is not None and device.type == "cuda"
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if on_cuda else 132
+    sms = sm_count(device if device is not None else "cpu")
     return big if n_groups * triton.cdiv(N, big.BLOCK_M) >= 2 * sms else small
 
 

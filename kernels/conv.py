@@ -22,19 +22,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, Launch, interpreting, silu, vec_width
+from ._common import (DEFAULT_SM_COUNT, MAX_SPLIT, STEP_GEMM, TRITON_DTYPE, CompileConfig, Launch, empty_output,
+                      interpreting, poisoning, silu, sm_count, split_rule, vec_width)
 from .dwconv import out_size
 
 FLAT_K_MAX_CIN = 7  # 9 * 7 = 63 taps x channels fit one BLOCK_K = 64 gathered tile
 
 
 @triton.jit
-def _implicit_gemm_pass(acc, x_b, sh, sw, C, c_off, CT, w_ptr, n, n_ok, COUT, ih0, iw0, m_ok, H, W, rk,
+def _implicit_gemm_pass(acc, x_b, sh, sw, C, c_off, CT, w_ptr, n, n_ok, COUT, ih0, iw0, m_ok, H, W, rk, i0, i1,
                         BLOCK_K: tl.constexpr, PREC: tl.constexpr):
-    """acc += sum over taps and this input's C channels of x[pixel under tap, c] * w[tap * CT + c_off + c, n].
+    """acc += sum over taps and this input's C channels of x[pixel under tap, c] * w[tap * CT + c_off + c, n],
+    over the flattened (tap, channel chunk) steps [i0, i1) of this input's 9 * cdiv(C, BLOCK_K).
     x_b: [BLOCK_M] pointers to each pixel's image; ih0/iw0: the top-left tap's coordinates."""
     nk = tl.cdiv(C, BLOCK_K)
-    for i in range(0, 9 * nk):
+    for i in range(i0, i1):
         tap = i // nk
         k0 = (i - tap * nk) * BLOCK_K
         ih = ih0 + tap // 3
@@ -51,6 +53,15 @@ def _implicit_gemm_pass(acc, x_b, sh, sw, C, c_off, CT, w_ptr, n, n_ok, COUT, ih
 
 
 @triton.jit
+def _bias_act(acc, b_ptr, n, n_ok, ACT: tl.constexpr):
+    """The epilogue, shared by the unsplit kernel and the split-K merge: + bias[n], then SiLU if ACT."""
+    acc += tl.load(b_ptr + n, mask=n_ok, other=0.0)[None, :]
+    if ACT:
+        acc = silu(acc)
+    return acc
+
+
+@triton.jit
 def _conv3x3_kernel(
     x_ptr, x2_ptr, w_ptr, b_ptr, y_ptr,
     H, W, C1, C2, COUT, OH, OW, M,
@@ -58,9 +69,12 @@ def _conv3x3_kernel(
     s2b, s2h, s2w,                            # x2 strides (channels contiguous)
     STRIDE: tl.constexpr, ACT: tl.constexpr, HAS_X2: tl.constexpr, FLAT_K: tl.constexpr,
     VEC: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # y: [B, OH, OW, COUT] contiguous
+    # y: [B, OH, OW, COUT] contiguous. SPLIT (split-K over program axis 2, of num_programs(2) = S programs):
+    # y is the float32 partial sums [S, M, COUT] and ``_splitk_merge_kernel`` adds them, the bias and the
+    # activation. S is a grid size, not a constexpr: every split count runs the same compiled kernel.
+    tl.static_assert(not (SPLIT and FLAT_K), "the flat-K stem is one K step: nothing to split")
     if VEC > 1:  # the launcher checked these divide; writing it lets Triton prove 16-byte alignment
         COUT = (COUT // VEC) * VEC
         if not FLAT_K:
@@ -102,16 +116,47 @@ def _conv3x3_kernel(
         # The K loop runs over (tap, channel chunk) flattened: one software-pipelined loop per input
         # rather than nine short ones (C = 48 is three chunks of 16), and a fraction of the compile time.
         CT = C1 + C2
+        n1 = 9 * tl.cdiv(C1, BLOCK_K)  # x's steps, then x2's: one flattened K axis of n1 + n2 steps
+        n2 = 9 * tl.cdiv(C2, BLOCK_K)
+        lo1, hi1, lo2, hi2 = 0, n1, 0, n2
+        if SPLIT:  # this program's contiguous share of the K steps, clipped to each input's range
+            chunk = tl.cdiv(n1 + n2, tl.num_programs(2))
+            lo = tl.program_id(2) * chunk
+            lo1, hi1 = tl.minimum(lo, n1), tl.minimum(lo + chunk, n1)
+            lo2, hi2 = tl.maximum(lo - n1, 0), tl.minimum(lo + chunk - n1, n2)
         acc = _implicit_gemm_pass(acc, x_ptr + b * sxb, sxh, sxw, C1, 0, CT, w_ptr, n, n_ok, COUT, ih0, iw0, m_ok,
-                                  H, W, rk, BLOCK_K, PREC)
+                                  H, W, rk, lo1, hi1, BLOCK_K, PREC)
         if HAS_X2:  # channels [C1, C1 + C2) of the virtual concatenation
             acc = _implicit_gemm_pass(acc, x2_ptr + b * s2b, s2h, s2w, C2, C1, CT, w_ptr, n, n_ok, COUT, ih0, iw0,
-                                      m_ok, H, W, rk, BLOCK_K, PREC)
-    acc += tl.load(b_ptr + n, mask=n_ok, other=0.0)[None, :]
-    if ACT:
-        acc = silu(acc)
+                                      m_ok, H, W, rk, lo2, hi2, BLOCK_K, PREC)
+    if SPLIT:  # partial sums to slot program_id(2); bias and activation wait for the merge
+        y_ptr += tl.program_id(2).to(tl.int64) * M * COUT
+    else:
+        acc = _bias_act(acc, b_ptr, n, n_ok, ACT)
     y_off = m.to(tl.int64)[:, None] * COUT + n[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _splitk_merge_kernel(p_ptr, b_ptr, y_ptr, M, COUT, SLOT, SPLIT, ACT: tl.constexpr, VEC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[m, n] = act(sum_s p[s, m, n] + bias[n]): the SPLIT float32 partial sums (slots of SLOT = M * COUT
+    elements) added in slot order (a fixed order, no atomics: the result is deterministic and the same on
+    every replay), written in y's dtype."""
+    if VEC > 1:
+        COUT = (COUT // VEC) * VEC
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < COUT
+    mask = (m < M)[:, None] & n_ok[None, :]
+    off = m.to(tl.int64)[:, None] * COUT + n[None, :]
+    p = p_ptr + off
+    acc = tl.load(p, mask=mask, other=0.0)
+    for _ in range(1, SPLIT):
+        p += SLOT  # one slot at a time: 64-bit pointer arithmetic, no 32-bit s * SLOT product
+        acc += tl.load(p, mask=mask, other=0.0)
+    acc = _bias_act(acc, b_ptr, n, n_ok, ACT)
+    tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,12 +195,67 @@ def conv3x3_config(c1: int, c2: int, cout: int, M: int, dtype: torch.dtype, flat
     return bm, bn, bk, (8 if bm * bn >= 128 * 128 else 4), (2 if fp32 else 3)
 
 
+class SplitConvLaunch:
+    """A split-K conv resolved for one signature: ``plan(x, x2, w, bias, y)`` allocates the float32 partial
+    sums [SPLIT, M, Cout], launches the conv into them and the merge into y (``traced``: both through
+    wrap_triton). ``decision``: the split rule's ``SplitDecision``."""
+
+    __slots__ = ("main", "merge", "partial_shape", "device", "poison", "decision")
+
+    def __init__(self, main: Launch, merge: Launch, partial_shape, device, poison: bool, decision):
+        self.main, self.merge, self.partial_shape, self.device = main, merge, partial_shape, device
+        self.poison, self.decision = poison, decision
+
+    def __call__(self, x, x2, w, bias, y) -> None:
+        p = empty_output(self.partial_shape, torch.float32, self.device, self.poison)
+        self.main(x, x2, w, bias, p)
+        self.merge(p, bias, y)
+
+    def traced(self, x, x2, w, bias, y) -> None:
+        p = empty_output(self.partial_shape, torch.float32, self.device, self.poison)
+        self.main.traced(x, x2, w, bias, p)
+        self.merge.traced(p, bias, y)
+
+    def __repr__(self) -> str:
+        return f"SplitConvLaunch({self.main!r}, {self.merge!r})"
+
+
+def conv3x3_steps(c1: int, c2: int, block_k: int, flat: bool) -> int:
+    """Serial K steps of one conv program: the flattened (tap, channel chunk) loop over x, then x2."""
+    return 1 if flat else 9 * (triton.cdiv(c1, block_k) + triton.cdiv(c2, block_k))
+
+
+def conv3x3_split(c1: int, c2: int, cout: int, M: int, config: Tuple[int, int, int, int, int], flat: bool,
+                  sms: int, force: Optional[int] = None, interpret: Optional[bool] = None):
+    """The split rule's ``SplitDecision`` for one conv: its grid and K steps against ``sms`` SMs, the merge's
+    grid and the partials' traffic. The flat-K stem (one step) is judged but never split."""
+    bm, bn, bk, warps, _ = config
+    mbm, mbn, _ = merge_config(M, cout, interpret)
+    return split_rule(triton.cdiv(M, bm) * triton.cdiv(cout, bn), conv3x3_steps(c1, c2, bk, flat), STEP_GEMM, sms,
+                      partial_bytes=4 * M * cout, merge_ctas=triton.cdiv(M, mbm) * triton.cdiv(cout, mbn),
+                      ctas_per_sm=1 if warps == 8 else 2, max_split=1 if flat else MAX_SPLIT, force=force,
+                      kernel="conv3x3", interpret=interpret)
+
+
+def merge_config(M: int, cout: int, interpret: Optional[bool] = None) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the split-K merge: an elementwise pass over [M, Cout]."""
+    bn = max(16, min(128, triton.next_power_of_2(cout)))
+    if interpreting() if interpret is None else interpret:
+        return max(16, min(512, triton.next_power_of_2(M))), max(16, min(256, triton.next_power_of_2(cout))), 4
+    return 32, bn, 4  # 32 float32 values per thread at BLOCK_N 128: a light, memory-bound pass
+
+
 def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
-                 x2: Optional[torch.Tensor], y_shape: Tuple[int, int, int, int], stride: int, act: bool) -> Launch:
+                 x2: Optional[torch.Tensor], y_shape: Tuple[int, int, int, int], stride: int, act: bool,
+                 split: Optional[int] = None):
     """The launch for tensors like these (metadata only): ``plan(x, x2 or x, w, bias, y)`` writes a
     contiguous ``y [B, OH, OW, Cout]``. x holds ``c1`` channels of an ``H x W`` map with strides
     ``x_strides`` in logical (b, h, w, c) order (an NCHW tensor passes ``(s0, s2, s3, s1)``); ``x2`` is
-    the NHWC second input of the fusion conv, or None."""
+    the NHWC second input of the fusion conv, or None.
+
+    Split-K: ``split_rule`` judges the grid against the SMs and the K steps per program (the stage-5
+    fusion conv of S at batch 1 is 3 CTAs x 90 steps); ``split`` (else ``FASTMVIT_SPLIT``) forces N ways.
+    A split plan is a ``SplitConvLaunch`` (conv into float32 partials, then the merge), else a ``Launch``."""
     B, OH, OW, cout = y_shape
     c2 = x2.shape[-1] if x2 is not None else 0
     M = B * OH * OW
@@ -166,16 +266,25 @@ def conv3x3_plan(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, 
     vec = vec_width(x.dtype, cout) if flat else vec_width(x.dtype, cout, c1, c2, sxb, sxh, sxw, *s2)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
     grid = (triton.cdiv(M, bm), triton.cdiv(cout, bn))
-    return Launch(_conv3x3_kernel, grid, (H, W, c1, c2, cout, OH, OW, M, sxb, sxh, sxw, sxc, *s2),
-                  STRIDE=stride, ACT=act, HAS_X2=x2 is not None, FLAT_K=flat, VEC=vec, PREC=prec,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    mbm, mbn, mwarps = merge_config(M, cout)
+    decision = conv3x3_split(c1, c2, cout, M, (bm, bn, bk, warps, stages), flat, sm_count(x.device), split)
+    scalars = (H, W, c1, c2, cout, OH, OW, M, sxb, sxh, sxw, sxc, *s2)
+    meta = dict(STRIDE=stride, HAS_X2=x2 is not None, FLAT_K=flat, VEC=vec, PREC=prec, BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    if decision.n == 1:
+        return Launch(_conv3x3_kernel, grid, scalars, ACT=act, SPLIT=False, **meta)
+    main = Launch(_conv3x3_kernel, (*grid, decision.n), scalars, ACT=False, SPLIT=True, **meta)
+    merge = Launch(_splitk_merge_kernel, (triton.cdiv(M, mbm), triton.cdiv(cout, mbn)),
+                   (M, cout, M * cout, decision.n), ACT=act, VEC=vec_width(x.dtype, cout), BLOCK_M=mbm, BLOCK_N=mbn,
+                   num_warps=mwarps, num_stages=1)
+    return SplitConvLaunch(main, merge, (decision.n, M, cout), x.device, poisoning(), decision)
 
 
 def conv3x3_launch(x: torch.Tensor, x_strides: Tuple[int, int, int, int], H: int, W: int, c1: int,
                    x2: Optional[torch.Tensor], w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                   stride: int, act: bool) -> torch.Tensor:
+                   stride: int, act: bool, split: Optional[int] = None) -> torch.Tensor:
     """Launch (traceably) into a preallocated contiguous ``y [B, OH, OW, Cout]``; see ``conv3x3_plan``."""
-    conv3x3_plan(x, x_strides, H, W, c1, x2, tuple(y.shape), stride, act).traced(
+    conv3x3_plan(x, x_strides, H, W, c1, x2, tuple(y.shape), stride, act, split).traced(
         x, x2 if x2 is not None else x, w, bias, y)
     return y
 
@@ -202,31 +311,51 @@ def conv3x3_uses(size: int = 256) -> List[Tuple[str, int, int, int, int, int]]:
 
 
 def compile_configs() -> List[CompileConfig]:
-    """One config per (use, dtype, tile): batch 1 and batch 256 can pick different BLOCK_M."""
+    """One config per (use, dtype, tile, split): batch 1 and batch 256 can pick different BLOCK_M; where the
+    split rule splits (batch 1, on 132 SMs), the split conv, its merge and the unsplit conv
+    (``FASTMVIT_SPLIT=1``) are all compiled."""
     configs, seen = [], set()
     for kind, c1, c2, cout, stride, pixels in conv3x3_uses():
         flat = kind == "stem"
         for dtype, name in TRITON_DTYPE.items():
             for batch in (1, 256):
-                bm, bn, bk, warps, stages = conv3x3_config(c1, c2, cout, batch * pixels, dtype, flat, interpret=False)
+                M = batch * pixels
+                cfg = conv3x3_config(c1, c2, cout, M, dtype, flat, interpret=False)
+                bm, bn, bk, warps, stages = cfg
+                n = conv3x3_split(c1, c2, cout, M, cfg, flat, DEFAULT_SM_COUNT, interpret=False).n
                 vec = vec_width(dtype, cout) if flat else vec_width(dtype, cout, c1, c2)
                 prec = "ieee" if dtype == torch.float32 else "tf32"
-                const = {"STRIDE": stride, "ACT": True, "HAS_X2": bool(c2), "FLAT_K": flat, "VEC": vec,
-                         "PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-                key = (tuple(sorted(const.items())), name, warps, stages)
-                if key in seen:
-                    continue
-                seen.add(key)
-                sig = {"x_ptr": f"*{name}", "x2_ptr": f"*{name}", "w_ptr": f"*{name}", "b_ptr": "*fp32",
-                       "y_ptr": f"*{name}"}
-                sig.update({a: "i32" for a in ("H", "W", "C1", "C2", "COUT", "OH", "OW", "M", "sxb", "sxh", "sxw",
-                                               "sxc", "s2b", "s2h", "s2w")})
-                sig.update({k: "constexpr" for k in const})
-                aligned = ["x_ptr", "x2_ptr", "w_ptr", "b_ptr", "y_ptr"]
-                aligned += [a for a, v in (("C1", c1), ("C2", c2), ("COUT", cout)) if v % 16 == 0]
-                if not flat:  # NHWC strides are multiples of C
-                    aligned += ["sxb", "sxh", "sxw"] + (["s2b", "s2h", "s2w"] if c2 else [])
-                configs.append(CompileConfig(
-                    name=f"conv3x3-{kind}-C{c1}+{c2}-O{cout}-BM{bm}BN{bn}BK{bk}-{name}", fn=_conv3x3_kernel,
-                    signature=sig, constexprs=const, num_warps=warps, num_stages=stages, aligned=tuple(aligned)))
+                for split in sorted({False, n > 1}):
+                    const = {"STRIDE": stride, "ACT": not split, "HAS_X2": bool(c2), "FLAT_K": flat, "VEC": vec,
+                             "PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split}
+                    key = (tuple(sorted(const.items())), name, warps, stages)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    sig = {"x_ptr": f"*{name}", "x2_ptr": f"*{name}", "w_ptr": f"*{name}", "b_ptr": "*fp32",
+                           "y_ptr": "*fp32" if split else f"*{name}"}
+                    sig.update({a: "i32" for a in ("H", "W", "C1", "C2", "COUT", "OH", "OW", "M", "sxb", "sxh",
+                                                   "sxw", "sxc", "s2b", "s2h", "s2w")})
+                    sig.update({k: "constexpr" for k in const})
+                    aligned = ["x_ptr", "x2_ptr", "w_ptr", "b_ptr", "y_ptr"]
+                    aligned += [a for a, v in (("C1", c1), ("C2", c2), ("COUT", cout)) if v % 16 == 0]
+                    if not flat:  # NHWC strides are multiples of C
+                        aligned += ["sxb", "sxh", "sxw"] + (["s2b", "s2h", "s2w"] if c2 else [])
+                    tag = "-splitk" if split else ""
+                    configs.append(CompileConfig(
+                        name=f"conv3x3-{kind}-C{c1}+{c2}-O{cout}-BM{bm}BN{bn}BK{bk}{tag}-{name}", fn=_conv3x3_kernel,
+                        signature=sig, constexprs=const, num_warps=warps, num_stages=stages, aligned=tuple(aligned)))
+                if n > 1:
+                    mbm, mbn, mwarps = merge_config(M, cout, interpret=False)
+                    const = {"ACT": True, "VEC": vec_width(dtype, cout), "BLOCK_M": mbm, "BLOCK_N": mbn}
+                    key = ("merge", tuple(sorted(const.items())), name, cout % 16 == 0)  # Cout is a run-time arg
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    sig = {"p_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": f"*{name}", "M": "i32", "COUT": "i32",
+                           "SLOT": "i32", "SPLIT": "i32", **{k: "constexpr" for k in const}}
+                    aligned = ["p_ptr", "b_ptr", "y_ptr"] + (["COUT", "SLOT"] if cout % 16 == 0 else [])
+                    configs.append(CompileConfig(
+                        name=f"conv3x3-splitk-merge-BM{mbm}BN{mbn}V{const['VEC']}-{name}", fn=_splitk_merge_kernel,
+                        signature=sig, constexprs=const, num_warps=mwarps, num_stages=1, aligned=tuple(aligned)))
     return configs

@@ -47,7 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, CompileConfig, Launch, empty_output, interpreting, poisoning
+from ._common import (STEP_GEMM, TRITON_DTYPE, CompileConfig, Launch, empty_output, interpreting, poisoning, sm_count,
+                      split_rule)
 
 __all__ = ["GemmConfig", "pick_config", "is_aligned", "gemm",
            "compile_configs"]
@@ -299,18 +300,6 @@ class GemmConfig(NamedTuple):
 ALIGNED_ARGS = ("a_ptr", "w_ptr", "res_ptr", "out_ptr", "stride_am", "stride_wk", "stride_rm", "stride_om")
 W_ARGS = ("w_ptr", "stride_wk")
 
-_SM_COUNT = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
@@ -406,11 +395,19 @@ def gemm_plan(a: torch.Tensor, w: torch.Tensor, n_out: int, *, has_bias: bool = 
     cfg = config or pick_config(M, N, K, a.dtype, rows=rows_per_sample if aligned_rows else None,
                                 norm=norm != NORM_NONE, relu_scale=has_relu_scale, pool=pool,
                                 aligned=is_aligned(a, residual) and (pool or row_stride % 16 == 0),
-                                sms=_sm_count(a.device))
+                                sms=sm_count(a.device))
     tiles_n = triton.cdiv(N, cfg.BN)
     tps = triton.cdiv(rows_per_sample, cfg.BM) if aligned_rows else 0
     if pool:
         grid = (B * tiles_n,)
+        # Never split (judged by the split rule, logged for ``info --plan``, max_split=1). K cannot be split:
+        # SiLU comes between the K sum and the pooling. Only the sample's row tiles could be, and at the
+        # released sizes there is nothing to win: S at batch 1, 256^2 is 10 CTAs x 3 steps, ~0.3 us by the
+        # rule, while any split adds a merge launch (LAUNCH_COST 2.5 us) alone worth 8x that. The rule
+        # would pay only from ~33 serial steps on one wave: 11 row tiles of 64 pixels at K = 160, a final
+        # map of ~700 pixels (inputs from ~850^2), which no released use reaches.
+        split_rule(grid[0], triton.cdiv(K, cfg.BK) * tps, STEP_GEMM, sm_count(a.device), partial_bytes=4 * B * N,
+                   merge_ctas=grid[0], max_split=1, kernel="gemm pool")
     else:
         grid = ((B * tps if emit_stats else triton.cdiv(M, cfg.BM)) * tiles_n,)
     H, W = hw

@@ -74,7 +74,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # Tests that share an expensive module-scoped fixture (a real server) run in one worker, so it starts
 # once (pytest's --dist loadgroup); every other test is handed to whichever worker is free.
 SHARED_SERVER_MODULES = ("test_litserve_server.py", "test_triton_server.py", "test_litserve_faults.py",
-                         "test_triton_faults.py")
+                         "test_triton_faults.py", "test_segmentation_servers.py")
 # The modules whose tests take longest (whole models under the interpreter, compiling the CUDA binding,
 # compiling kernels for sm_90): handed out first, so that the short tests fill in around them instead of
 # one worker finishing alone.

@@ -14,7 +14,7 @@ from fastmvit.variants import VARIANTS
 
 from .utils import hf_model, image_sensitive_, images, randomize_
 
-INSTALLED = [r for r in cpu.AUTO_ORDER if not cpu.problem(r)]
+INSTALLED = [r for r in cpu.AUTO_ORDER[torch.float32] if not cpu.problem(r)]  # auto's float32 choice first
 pytestmark = pytest.mark.skipif(not INSTALLED, reason="no CPU runtime installed (pip install 'fastmvit[cpu]')")
 
 # One input size per variant, cycling through sizes whose stage maps are odd (v1 resizes around the
@@ -49,7 +49,7 @@ def test_every_variant_matches_the_torch_path_at_every_batch(name, size, runtime
         for batch in (1, 2, 3, 4):  # one build serves them all
             x = images((batch, 3, *size), seed=batch)
             _close(engine(x), ref(x))
-    assert engine._engines.cpu(runtime).signatures() == [(*size, torch.float32, ref.numerics)]
+    assert engine._engines.cpu(runtime).signatures() == [(*size, torch.float32, ref.numerics, torch.get_num_threads())]
     assert not any(m.training for m in engine.modules())  # exporting left every BatchNorm in eval mode
 
 
@@ -227,6 +227,94 @@ def test_env_switch_chooses_the_torch_path(monkeypatch):
         choose_engine("auto", x)
 
 
+def _built(model, runtime):
+    """The runtime's own objects (ONNX Runtime sessions, OpenVINO compiled models) the model's CPU engine
+    built, per signature."""
+    engine = model._engines.cpu(runtime)
+    return {key: compiled.built for key, compiled in engine._built.items()}
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="ONNX Runtime not installed")
+def test_onnxruntime_sessions_do_not_spin_and_take_torchs_thread_count(restore_threads):
+    """The options are checked on the very sessions the engine built: threads that spin after each run
+    take a core from whatever runs next, and a thread count other than torch's oversubscribes the CPU."""
+    model = randomize_(fastmvit.load("xxs", pretrained=False, backend="onnxruntime"), seed=15)
+    x = images((1, 3, 64, 64))
+    with torch.inference_mode():
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model(x)
+    sessions = _built(model, "onnxruntime")
+    assert [key[-1] for key in sessions] == [1, 2]  # the thread count is part of the build key
+    for (*_, threads), session in sessions.items():
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == threads
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
+
+@pytest.mark.skipif("openvino" not in INSTALLED, reason="OpenVINO not installed")
+def test_openvino_takes_torchs_thread_count(restore_threads):
+    model = randomize_(fastmvit.load("xxs", pretrained=False, backend="openvino"), seed=16)
+    x = images((1, 3, 64, 64))
+    with torch.inference_mode():
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model(x)
+    compiled = _built(model, "openvino")
+    assert [key[-1] for key in compiled] == [1, 2]
+    for (*_, threads), c in compiled.items():
+        assert int(c.get_property("INFERENCE_NUM_THREADS")) == threads
+
+
+def test_auto_runs_the_measured_runtime_per_dtype(monkeypatch):
+    """float32: ONNX Runtime before OpenVINO; bfloat16: OpenVINO only, where the CPU has bf16; float16 and
+    float64: the torch path. FASTMVIT_CPU_ENGINE puts another runtime first."""
+    from fastmvit.engine import TORCH, choose_engine
+
+    assert cpu.AUTO_ORDER[torch.float32] == ("onnxruntime", "openvino")
+    assert cpu.AUTO_ORDER[torch.bfloat16] == ("openvino",)
+    assert choose_engine("auto", images((1, 3, 64, 64))) == INSTALLED[0]
+    for dtype in (torch.float16, torch.float64):
+        assert choose_engine("auto", images((1, 3, 64, 64)).to(dtype)) == TORCH
+    if len(INSTALLED) > 1:
+        monkeypatch.setenv(cpu.runtimes.ENV, INSTALLED[1])
+        assert choose_engine("auto", images((1, 3, 64, 64))) == INSTALLED[1]
+
+
+def test_info_says_what_auto_runs_per_dtype_and_whether_the_cpu_has_bf16():
+    from fastmvit.info import collect_info, format_info
+
+    info = collect_info()
+    summary = info["CPU engine (backend='auto' on CPU tensors)"]
+    assert summary["float32"] == f"CPU engine on {INSTALLED[0]}"
+    assert summary["float64"] == "torch path"
+    bf16 = "openvino" in INSTALLED and torch.bfloat16 in cpu.RUNTIMES["openvino"].supported_dtypes()
+    assert summary["bfloat16"] == ("CPU engine on openvino" if bf16 else "torch path")
+    flags = cpu.runtimes.cpu_bf16_flags()
+    assert summary["bfloat16 on this CPU"].startswith("unknown" if flags is None else "yes" if flags else "no")
+    assert "bfloat16 on this CPU" in format_info(info)
+
+
+def test_bf16_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f amx_tile avx512_bf16 amx_bf16\n")
+    assert cpu.runtimes.cpu_bf16_flags(str(cpuinfo)) == ("amx_bf16", "avx512_bf16")
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512bw\n")
+    assert cpu.runtimes.cpu_bf16_flags(str(cpuinfo)) == ()
+    assert cpu.runtimes.cpu_bf16_flags(str(tmp_path / "absent")) is None
+    if "openvino" in INSTALLED and cpu.runtimes.cpu_bf16_flags() is not None:
+        # this CPU, read two ways: the flags and OpenVINO's own capability list
+        assert bool(cpu.runtimes.cpu_bf16_flags()) == ("BF16" in cpu.RUNTIMES["openvino"].cpu_capabilities())
+
+
 @pytest.mark.skipif("openvino" not in INSTALLED, reason="OpenVINO not installed")
 def test_bfloat16_where_the_cpu_has_it():
     """bfloat16 runs on OpenVINO's bf16 precision where the CPU has bf16 instructions; elsewhere "auto"
@@ -266,6 +354,14 @@ def test_benchmark_peers_and_cpu_engine_rows_compute_the_torch_paths_logits():
     assert kind == "CPU engine" and E.PEERS[INSTALLED[0]] in what
     assert E.ENGINES["fastmvit"].runs_on(cpu_device, "float16")[0] == "torch path"
     assert not E.ENGINES["fastmvit"].computes_reference(cpu_device)
+
+
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="ONNX Runtime not installed")
+def test_benchmark_onnxruntime_peer_does_not_spin_into_the_next_row():
+    from fastmvit.benchmark import engines as E
+
+    run = E._onnxruntime_fn(E.exported_onnx("xxs", 1, 64))
+    assert run.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_benchmark_peers_say_why_they_cannot_run(monkeypatch):

@@ -28,6 +28,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 SIXTEEN_BIT = {"*fp16", "*bf16"}
 
+# The batch-1 split kernels (the split rule) and their merges are launched, so they must be specialised
+# (and, being kernels of their own or new constexpr values, they are then in the sample).
+MUST_LIST = {
+    "sepattn": {"token split and merge": lambda n: {"sepattn_context-fp16-packed-split", "sepattn_context_merge"} <= n},
+    "conv": {"split-K fusion conv": lambda n: any("-splitk-" in x and x.startswith("conv3x3-fusion") for x in n),
+             "split-K merge": lambda n: any(x.startswith("conv3x3-splitk-merge") for x in n)},
+}
+
 # Kernels whose 16-bit tl.dot cannot be a warpgroup MMA, and why (wgmma needs 64-row tiles per warpgroup).
 NO_WGMMA = {"pool_linear_kernel": "BB = 16 samples a program: tl.dot's minimum M, an mma.sync tile"}
 
@@ -79,7 +87,7 @@ from tests.test_kernel_compile import calls_dot, covering_sample, features
 configs = importlib.import_module(sys.argv[1]).compile_configs()
 sample = covering_sample(configs)
 assert set().union(*map(features, sample)) == set().union(*map(features, configs))
-print(json.dumps({"specialisations": len(configs), "compiled": [
+print(json.dumps({"names": [c.name for c in configs], "compiled": [
     dict(resource_usage(c, 90), kernel=c.fn.__name__, dot=calls_dot(c.fn), dtypes=list(c.signature.values()))
     for c in sample]}))
 """
@@ -94,6 +102,8 @@ def test_sampled_specialisations_compile_for_sm90(family):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["compiled"], f"{family}: no specialisation compiled"
+    for what, found in MUST_LIST.get(family, {}).items():
+        assert found(set(result["names"])), f"{family}: no {what} among its specialisations"
     problems = []
     for use in result["compiled"]:
         if use["stack"]:

@@ -150,23 +150,30 @@ def test_bench_host_counts_launches_and_restores_the_kernels():
 
 def test_info_plan_lists_the_gpu_launches_with_grids_and_serial_steps(capsys):
     """MobileViT-S, batch 1, 256x256 with the GPU's launch rules: the review's independent counts (stage-5
-    fusion conv 3 CTAs x 90 K-steps, pooling GEMM 10 CTAs), one row per launch the engine makes."""
+    fusion conv 3 CTAs x 90 K-steps before the split rule, pooling GEMM 10 CTAs), one row per launch the
+    engine makes, the split rule's decision beside the launches it judges."""
     from fastmvit.__main__ import main
     from fastmvit.engine import plan_info
 
     rows = plan_info.launches("s", 1)
     convs = [r for r in rows if r["kernel"] == "conv._conv3x3_kernel"]
-    assert (convs[-1]["ctas"], convs[-1]["steps"]) == (3, 90)
+    last = convs[-1]["split"]
+    assert (last["ctas"], last["steps"]) == (3, 90) and last["n"] > 1  # split-K: n x 3 CTAs, 90 / n steps each
+    assert (convs[-1]["ctas"], convs[-1]["steps"]) == (3 * last["n"], -(-90 // last["n"]))
+    assert all(r["split"] is not None for r in convs)
+    merges = [r for r in rows if r["kernel"] == "conv._splitk_merge_kernel"]
+    assert len(merges) == sum(r["split"]["n"] > 1 for r in convs) == 2  # stage 5's local and fusion convs
     pooled = [r for r in rows if r["kernel"] == "gemm.gemm_kernel" and r["constexprs"]["POOL"]]
-    assert [r["ctas"] for r in pooled] == [10]
+    assert [r["ctas"] for r in pooled] == [10] and pooled[0]["split"]["n"] == 1  # judged, never split
     for r in rows:
         assert r["ctas"] == int(torch.tensor(r["grid"]).prod()) and r["steps"] >= 1 and r["latency_us"] > 0
     blocks = plan_info.fusion_rows("s", 1)
     assert [b["fused"] for b in blocks] == [True] + [False] * 6 and blocks[-1]["fused_grid"] == "1 x 144"
-    assert len(rows) == 7 + 1 + 6 * 3 + 9 + 43 + 1  # convs, fused block, unfused blocks, attention, GEMMs, pool
+    assert len(rows) == 7 + 2 + 1 + 6 * 3 + 9 + 43 + 1  # convs + merges, fused block, unfused blocks, attention,
+    #                                                    GEMMs, pool
     assert main(["info", "--plan", "xxs", "--size", "64"]) == 0
     out = capsys.readouterr().out
-    assert "launches" in out and "inverted residual" in out
+    assert "launches" in out and "inverted residual" in out and "no split" in out
 
 
 def test_info_plan_resources_compile_a_launch_for_sm90():

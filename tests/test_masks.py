@@ -100,3 +100,44 @@ def test_whole_image_input_is_the_preprocessing_without_the_crop(order):
     whole = _whole_image(img, cfg)
     assert whole.shape == (3, 128, 230)
     torch.testing.assert_close(whole[:, :, 51:179], fastmvit.preprocess(img, cfg), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_label_map_a_class_at_a_time_is_the_same(align_corners):
+    """Above ``max_bytes`` the logits are resized one class at a time with a running maximum: the labels are
+    those of resizing them all at once, bit for bit, at odd sizes, in a batch, whatever the label dtype."""
+    g = torch.Generator().manual_seed(3)
+    for shape, size in [((2, 21, 5, 7), (131, 97)), ((1, 150, 9, 4), (61, 200)), ((1, 3, 6, 6), (96, 96))]:
+        logits = torch.randn(shape, generator=g)
+        full = label_map(logits, size=size, align_corners=align_corners)
+        chunked = label_map(logits, size=size, align_corners=align_corners, max_bytes=0)
+        assert torch.equal(chunked, full) and chunked.dtype == torch.int64
+        assert torch.equal(label_map(logits, size=size, align_corners=align_corners, max_bytes=0, dtype=torch.uint8),
+                           full.to(torch.uint8))
+    # ties keep the first class, as argmax does: classes 1 and 2 equal everywhere, above 0 and 3
+    tied = torch.tensor([0.0, 2.0, 2.0, 1.0]).view(1, 4, 1, 1).expand(1, 4, 3, 3).contiguous()
+    assert (label_map(tied, size=(20, 20), max_bytes=0) == 1).all()
+
+
+def test_label_map_memory_is_bounded():
+    """150 classes at 1000 x 800 would be 480 MB of resized logits at once; a class at a time stays near
+    three planes of 3.2 MB."""
+
+    logits = torch.randn(1, 150, 63, 50, generator=torch.Generator().manual_seed(0))
+    assert label_map(logits, size=(1000, 800), dtype=torch.uint8).shape == (1, 1000, 800)
+    # torch's CPU allocations are not seen by tracemalloc: count what interpolate is asked for instead
+    sizes = []
+    real = torch.nn.functional.interpolate
+
+    def spy(x, *args, **kwargs):
+        sizes.append(x.shape[1])
+        return real(x, *args, **kwargs)
+
+    import fastmvit.masks as masks
+    masks.F.interpolate, saved = spy, masks.F.interpolate
+    try:
+        label_map(logits, size=(1000, 800), dtype=torch.uint8)
+        label_map(logits[:, :2], size=(100, 80))
+    finally:
+        masks.F.interpolate = saved
+    assert sizes == [1] * 150 + [2]  # one class per call when large, all at once when small

@@ -1,4 +1,5 @@
 """The module's contract: input checks with clear errors, any input size, feature maps, dtypes."""
+import os
 import subprocess
 import sys
 
@@ -109,3 +110,25 @@ def test_import_is_light():
             "assert 'triton' not in sys.modules\n"
             "assert not tried and not torch.cuda.is_initialized(), 'CUDA initialised'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_checkout_root_does_not_hide_the_kernels_distribution(tmp_path):
+    """Run from the checkout's root (``python -m ...``, pytest), the top-level ``kernels/`` folder must not
+    stand in for an installed ``kernels`` distribution, which transformers imports whenever it is there;
+    with none installed it fails as an absent package does. fastmvit's own kernels stay fastmvit.kernels."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("MARK = 'installed kernels'\n")
+    code = ("import sys\n"
+            f"sys.path[:] = [{root!r}, {str(tmp_path / 'site')!r}] + sys.path\n"
+            "import kernels\n"
+            "assert getattr(kernels, 'MARK', None) == 'installed kernels', kernels.__file__\n"
+            "import fastmvit.kernels._common\n"
+            f"assert fastmvit.kernels.__file__.startswith({root!r}), fastmvit.kernels.__file__\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+    absent = ("import sys\n"
+              f"sys.path[:] = [{root!r}] + [p for p in sys.path if 'site-packages' not in p]\n"
+              "try:\n    import kernels\nexcept ImportError as e:\n    assert e.name == 'kernels'\n"
+              "else:\n    raise AssertionError('fastmvit kernels/ imported as top-level kernels')\n")
+    subprocess.run([sys.executable, "-c", absent], check=True, cwd=root)

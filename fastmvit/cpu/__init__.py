@@ -2,6 +2,6 @@
 ONNX Runtime or OpenVINO, the runtimes made for CPU inference. Optional: ``pip install 'fastmvit[cpu]'``.
 Importing this package imports neither runtime; the first engine built does."""
 from .engine import MAX_SIGNATURES, CpuEngine
-from .runtimes import AUTO_ORDER, RUNTIMES, auto_runtime, problem
+from .runtimes import AUTO_ORDER, RUNTIMES, auto_runtime, auto_summary, problem
 
-__all__ = ["AUTO_ORDER", "CpuEngine", "MAX_SIGNATURES", "RUNTIMES", "auto_runtime", "problem"]
+__all__ = ["AUTO_ORDER", "CpuEngine", "MAX_SIGNATURES", "RUNTIMES", "auto_runtime", "auto_summary", "problem"]

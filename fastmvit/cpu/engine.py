@@ -19,7 +19,7 @@ class CpuEngine:
     """``engine.run(model, x)``: CPU images [B, 3, H, W] (already checked by ``model.check_input``) ->
     logits [B, num_classes] in x's dtype, computed by ``runtime`` on the graph exported from ``model``.
 
-    Built per signature (height, width, dtype, numerics; one build serves every batch size), at most
+    Built per signature (height, width, dtype, numerics, threads; one build serves every batch size), at most
     MAX_SIGNATURES kept; the graph is exported once per (weights, numerics, height, width) and kept on disk."""
 
     def __init__(self, runtime: str):
@@ -38,7 +38,7 @@ class CpuEngine:
                 f"{', '.join(map(str, self.runtime.supported_dtypes()))}); use model.float(), or backend='torch' "
                 f"or 'auto' (which run the plain PyTorch modules for this dtype)")
         H, W = x.shape[-2:]
-        key = (H, W, x.dtype, model.numerics)
+        key = (H, W, x.dtype, model.numerics, torch.get_num_threads())  # threads: see runtimes
         compiled = self._built.get(key)
         if compiled is None:
             compiled = self._build(model, key)
@@ -57,7 +57,7 @@ class CpuEngine:
                 if self._fingerprint is None:
                     self._fingerprint = weights_fingerprint(model)
                 path = exported_onnx(model, self._fingerprint, key[:2])
-                compiled = self.runtime.compile(path, key[2])
+                compiled = self.runtime.compile(path, key[2], key[4])
                 self._built[key] = compiled
                 while len(self._built) > MAX_SIGNATURES:
                     self._built.popitem(last=False)

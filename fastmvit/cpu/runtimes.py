@@ -1,6 +1,9 @@
 """The CPU runtimes that run fastmvit's exported graph: ONNX Runtime and OpenVINO, behind one small
-interface. ``runtime.compile(onnx_path, dtype)`` builds once; the returned callable maps a float32 NCHW
-numpy batch to a float32 numpy array of logits, and may be called from several threads at once."""
+interface. ``runtime.compile(onnx_path, dtype, threads)`` builds once; the returned callable maps a float32
+NCHW numpy batch to a float32 numpy array of logits, and may be called from several threads at once.
+
+Both runtimes get ``torch.get_num_threads()`` threads (the engine's build key holds the count), so
+``torch.set_num_threads`` governs the CPU engine as it governs the torch path."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +11,7 @@ import importlib.util
 import os
 import threading
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,8 +34,9 @@ class Runtime:
     def supported_dtypes(self) -> tuple:
         return (torch.float32,)
 
-    def compile(self, onnx_path: str, dtype: torch.dtype) -> Compiled:
-        """Build the graph (fixed height and width, any batch) to compute in ``dtype``."""
+    def compile(self, onnx_path: str, dtype: torch.dtype, threads: int) -> Compiled:
+        """Build the graph (fixed height and width, any batch) to compute in ``dtype`` on ``threads``
+        threads. The callable's ``built`` attribute is the runtime's own object (for tests)."""
         raise NotImplementedError
 
     def version(self) -> str:
@@ -46,18 +50,31 @@ class OnnxRuntime(Runtime):
     conv + activation itself). One session serves every batch size: the exported batch axis is dynamic."""
 
     name, module = "onnxruntime", "onnxruntime"
+    # Without this ONNX Runtime's worker threads busy-wait after every run (measured: ~60 ms of a core on
+    # this 2-core machine), taking that time from whatever the process or machine runs next.
+    SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
-    def compile(self, onnx_path: str, dtype: torch.dtype) -> Compiled:
+    def session_options(self, threads: int):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1  # sequential execution: the inter-op pool would idle
+        for key, value in self.SESSION_CONFIG.items():
+            options.add_session_config_entry(key, value)
+        return options
+
+    def compile(self, onnx_path: str, dtype: torch.dtype, threads: int) -> Compiled:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(onnx_path, self.session_options(threads), providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
 
         def run(x: np.ndarray) -> np.ndarray:
             return session.run(None, {input_name: x})[0]  # InferenceSession.run is thread-safe
 
+        run.built = session
         return run
 
 
@@ -84,9 +101,12 @@ class OpenVino(Runtime):
     def supported_dtypes(self) -> tuple:
         return (torch.float32,) + ((torch.bfloat16,) if "BF16" in self.cpu_capabilities() else ())
 
-    def compile(self, onnx_path: str, dtype: torch.dtype) -> Compiled:
-        config = {"PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32"}
+    def config(self, dtype: torch.dtype, threads: int) -> dict:
+        return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                "INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32"}
+
+    def compile(self, onnx_path: str, dtype: torch.dtype, threads: int) -> Compiled:
+        config = self.config(dtype, threads)
         compiled = self._core().compile_model(onnx_path, "CPU", config)
         local = threading.local()  # an infer request runs one inference at a time: one per thread
 
@@ -97,13 +117,19 @@ class OpenVino(Runtime):
             request.infer({0: x}, share_inputs=True)
             return request.get_output_tensor(0).data.copy()  # the request reuses its output buffer
 
+        run.built = compiled
         return run
 
 
 RUNTIMES: Dict[str, Runtime] = {r.name: r for r in (OpenVino(), OnnxRuntime())}
-# backend="auto" on CPU tensors takes the first of these that is installed and computes in the input's
-# dtype; FASTMVIT_CPU_ENGINE chooses another ("onnxruntime" first) or none ("torch": the plain modules).
-AUTO_ORDER = ("openvino", "onnxruntime")
+# What backend="auto" runs on CPU tensors of each dtype: the first of these that is installed and computes in
+# that dtype here. Measured on fastmvit's own graph, 256x256, interleaved (2-core Xeon with AMX, busy):
+# float32, process CPU ms per batch ONNX Runtime / OpenVINO, 1 thread: S b1 47/49, b8 427/408; v2-1.0 b1
+# 41/50, b8 375/435; 2 threads (an earlier run): S b1 53/62, v2-1.0 b1 63/68. bfloat16: OpenVINO alone
+# (ONNX Runtime's CPU provider has no bf16 convolutions). Other dtypes (float16, float64) run the torch
+# path. FASTMVIT_CPU_ENGINE puts one runtime first ("torch": no CPU engine).
+AUTO_ORDER: Dict[torch.dtype, Tuple[str, ...]] = {torch.float32: ("onnxruntime", "openvino"),
+                                                  torch.bfloat16: ("openvino",)}
 ENV = "FASTMVIT_CPU_ENGINE"
 
 
@@ -123,15 +149,43 @@ def _auto_runtime(dtype: torch.dtype, choice: str) -> Optional[str]:
         return None
     if choice != "auto" and choice not in RUNTIMES:
         raise ValueError(f"{ENV}={choice!r}: use 'auto', 'torch' or one of {tuple(RUNTIMES)}")
-    order = AUTO_ORDER if choice == "auto" else (choice,) + tuple(r for r in AUTO_ORDER if r != choice)
-    installed = [r for r in order if not problem(r)]
+    installed = [r for r in RUNTIMES if not problem(r)]
     if not installed:
-        warnings.warn("fastmvit: no CPU runtime is installed (" + "; ".join(problem(r) for r in order)
+        warnings.warn("fastmvit: no CPU runtime is installed (" + "; ".join(problem(r) for r in RUNTIMES)
                       + "): CPU tensors run the plain PyTorch modules, several times slower than the CPU "
                         f"engine (set {ENV}=torch to choose that and silence this)", RuntimeWarning, stacklevel=5)
         return None
     if choice != "auto" and problem(choice):
-        warnings.warn(f"{ENV}={choice}: {problem(choice)}; using {installed[0]}", RuntimeWarning, stacklevel=5)
+        warnings.warn(f"{ENV}={choice}: {problem(choice)}; using the runtimes installed", RuntimeWarning,
+                      stacklevel=5)
+    order = AUTO_ORDER.get(dtype, ())
+    if choice != "auto":
+        order = (choice,) + tuple(r for r in order if r != choice)
     # None when no runtime computes in this dtype here (bfloat16 without bf16 instructions, float16,
     # float64): the torch path then computes in that dtype, as asked.
-    return next((r for r in installed if dtype in RUNTIMES[r].supported_dtypes()), None)
+    return next((r for r in order if r in installed and dtype in RUNTIMES[r].supported_dtypes()), None)
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[Tuple[str, ...]]:
+    """The CPU's bfloat16 instruction sets (AVX512-BF16, AMX-BF16) from /proc/cpuinfo, or None where it
+    cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return tuple(sorted(f for f in set(flags) if f in ("avx512_bf16", "amx_bf16")))
+
+
+def auto_summary() -> Dict[str, str]:
+    """What backend="auto" runs on CPU tensors per dtype, for ``python -m fastmvit info``."""
+    found = ", ".join(f"{r} {RUNTIMES[r].version()}" for r in RUNTIMES if not problem(r))
+    flags = cpu_bf16_flags()
+    out = {"runtimes installed": found or f"none ({INSTALL_HINT})",
+           "threads": f"{torch.get_num_threads()} (torch.get_num_threads())",
+           "bfloat16 on this CPU": ("unknown" if flags is None else
+                                    f"yes ({', '.join(flags)})" if flags else "no (no AVX512-BF16 or AMX)")}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        runtime = auto_runtime(dtype)
+        out[str(dtype).replace("torch.", "")] = (f"CPU engine on {runtime}" if runtime else "torch path")
+    return out

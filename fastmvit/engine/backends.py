@@ -13,15 +13,14 @@ def extension_status() -> str:
 
 
 def cpu_engine_status() -> str:
-    """What backend="auto" runs on float32 CPU tensors, and why."""
+    """What backend="auto" runs on float32 CPU tensors (the per-dtype detail: ``info``'s CPU engine)."""
     import torch
 
-    from ..cpu import AUTO_ORDER, RUNTIMES, auto_runtime, problem
+    from ..cpu import auto_runtime
 
     runtime = auto_runtime(torch.float32)
-    found = ", ".join(f"{r} {RUNTIMES[r].version()}" for r in AUTO_ORDER if not problem(r)) or "none installed"
     runs = f"the CPU engine on {runtime}" if runtime else "the plain PyTorch modules"
-    return f"{runs} (CPU runtimes: {found}; backend='triton' forces the kernels, interpreted)"
+    return f"float32: {runs} (see 'CPU engine' above; backend='triton' forces the kernels, interpreted)"
 
 
 def op_backends() -> Dict[str, str]:

@@ -24,7 +24,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def serial_steps(kernel: str, args: tuple, meta: dict) -> int:
+def serial_steps(kernel: str, args: tuple, meta: dict, grid: tuple = (1,)) -> int:
     """Dependent iterations of one CTA's main loop (each a tile load + dot), from the launch arguments."""
     if kernel == "gemm.gemm_kernel":
         K, tps = args[10], args[19]
@@ -32,16 +32,18 @@ def serial_steps(kernel: str, args: tuple, meta: dict) -> int:
         return steps * (tps if meta["POOL"] else 1)
     if kernel == "conv._conv3x3_kernel":
         c1, c2 = args[7], args[8]
-        return 1 if meta["FLAT_K"] else 9 * (_cdiv(c1, meta["BLOCK_K"]) + (_cdiv(c2, meta["BLOCK_K"]) if c2 else 0))
+        steps = 1 if meta["FLAT_K"] else 9 * (_cdiv(c1, meta["BLOCK_K"]) + (_cdiv(c2, meta["BLOCK_K"]) if c2 else 0))
+        return _cdiv(steps, grid[2]) if meta.get("SPLIT") else steps  # split-K: each split's share
     if kernel == "mv2_block._inverted_residual_kernel":
         return _cdiv(args[14], meta["BLOCK_H"]) * 9
     if kernel == "attention._patch_attention_kernel":
         return _cdiv(args[3], max(1, meta["BLOCK_N"] // meta["G"]))
     if kernel == "sepattn.context_kernel":
-        return _cdiv(args[6] * args[7] // 4, meta["BT"])
+        steps = _cdiv(args[6] * args[7] // 4, meta["BT"])
+        return _cdiv(steps, grid[2]) if meta.get("SPLIT") else steps
     if kernel == "pool.pool_linear_kernel":
         return _cdiv(args[5], meta["BHW"]) * _cdiv(args[6], meta["BK"])
-    return 1  # dwconv: the nine taps are unrolled
+    return 1  # dwconv: the nine taps are unrolled; the split merges: their loads are independent
 
 
 def _scalar_type(v) -> str:
@@ -65,21 +67,27 @@ def launches(model: str, batch: int, size: int = 256, dtype: torch.dtype = torch
     x = torch.zeros(batch, 3, size, size, dtype=dtype)
     log: list = []
     interpret, _common.INTERPRET = _common.INTERPRET, False  # the GPU's rules; nothing runs (stubbed)
+    _common.SPLIT_LOG = log  # the split rule's decisions, each just before the launch it shapes
     try:
         with torch.inference_mode(), stubbed_launches(log):
             engine.forward(x, replay.direct)
     finally:
         _common.INTERPRET = interpret
+        _common.SPLIT_LOG = None
     from fastmvit.ops import mv2_block as rule
 
-    rows = []
-    for kernel, args, kwargs in log:
+    rows, decision = [], None
+    for entry in log:
+        if entry[0] == "split":
+            decision = entry[1]
+            continue
+        kernel, args, kwargs = entry
         meta = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         grid = kwargs["grid"]
         ctas = 1
         for g in grid:
             ctas *= g
-        steps = serial_steps(kernel, args, meta)
+        steps = serial_steps(kernel, args, meta, tuple(grid))
         step = getattr(rule, _STEP_LATENCY.get(kernel.split(".")[0], "STEP_GEMM"))
         per_sm = 1 if meta.get("num_warps", 4) == 8 else 2
         signature = [f"*{_common.TRITON_DTYPE[a[4]]}" if isinstance(a, tuple) and a[:1] == ("tensor",)
@@ -89,7 +97,9 @@ def launches(model: str, batch: int, size: int = 256, dtype: torch.dtype = torch
                      "num_warps": meta.get("num_warps", 4), "num_stages": meta.get("num_stages", 3),
                      "latency_us": rule.latency(ctas, steps, step, per_sm) * 1e6,
                      "constexprs": {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
-                     "signature": signature, "aligned": aligned})
+                     "signature": signature, "aligned": aligned,
+                     "split": None if decision is None else decision._asdict()})
+        decision = None
     return rows
 
 
@@ -154,12 +164,24 @@ def _compile(spec: dict, arch: int) -> Optional[dict]:
     return {**usage, "ctas_per_sm": ctas, "occupancy": ctas * warps / 64}
 
 
+def format_split(d: Optional[dict]) -> str:
+    """One launch's split decision for the plan table ("" for kernels the rule does not judge)."""
+    if not d:
+        return ""
+    if d["best_n"] == 1 and d["n"] == 1:
+        return f"no split: {d['unsplit_s'] * 1e6:.1f} ({d['steps']} step{'s' if d['steps'] > 1 else ''})"
+    est = f"{d['unsplit_s'] * 1e6:.1f} -> {d['split_s'] * 1e6:.1f} (n={d['best_n']})"
+    if d["n"] > 1:
+        return f"split {d['n']}{' forced' if d['forced'] else ''}: {est}"
+    return f"{'never splits' if d['kernel'] == 'gemm pool' else 'no split'}: {est}"
+
+
 def format_plan(rows: List[dict], blocks: List[dict], usage: Optional[List[Optional[dict]]] = None) -> str:
-    lines = [f"{'#':>3} {'kernel':<36} {'grid':<14} {'CTAs':>6} {'steps':>6} {'warps':>5} {'latency us':>10}"
-             + ("  regs  spill  CTA/SM  occupancy" if usage is not None else "")]
+    lines = [f"{'#':>3} {'kernel':<36} {'grid':<14} {'CTAs':>6} {'steps':>6} {'warps':>5} {'latency us':>10} "
+             f"{'split rule: unsplit -> split us':<34}" + ("  regs  spill  CTA/SM  occupancy" if usage is not None else "")]
     for i, r in enumerate(rows):
         line = (f"{i:>3} {r['kernel']:<36} {'x'.join(map(str, r['grid'])):<14} {r['ctas']:>6} {r['steps']:>6} "
-                f"{r['num_warps']:>5} {r['latency_us']:>10.1f}")
+                f"{r['num_warps']:>5} {r['latency_us']:>10.1f} {format_split(r.get('split')):<34}")
         if usage is not None:
             u = usage[i]
             line += (f"  {u['registers']:>4}  {u['stack']:>5}  {u['ctas_per_sm']:>6}  {u['occupancy']:>9.0%}"
@@ -167,6 +189,9 @@ def format_plan(rows: List[dict], blocks: List[dict], usage: Optional[List[Optio
         lines.append(line)
     lines.append(f"{len(rows)} launches; latency: waves x steps x step latency of ops.mv2_block's model (a floor, "
                  f"not a prediction of the whole kernel)")
+    lines.append("split rule (kernels._common.split_rule): waves x steps x step latency unsplit -> the best split by n "
+                 "plus its merge pass; 'split n' where taken (>= 10 % faster, or forced by FASTMVIT_SPLIT), "
+                 "'no split' where not, 'never splits' for a kernel judged only")
     lines.append("")
     lines.append(f"{'stage':>5} {'inverted residual':<30} {'rule':<8} {'fused us':>9} {'unfused us':>10} "
                  f"{'fused CTAs x steps':>19}")
@@ -182,7 +207,10 @@ def main(model: str, batch: int, size: int = 256, dtype: str = "float16", with_r
     usage = None
     if with_resources:
         usage = resources(rows)
-    print(f"{model}, batch {batch}, {size}x{size}, {dtype}: the GPU launch rules (sm_90, 132 SMs)")
+    from fastmvit.kernels._common import sm_count
+
+    print(f"{model}, batch {batch}, {size}x{size}, {dtype}: the GPU launch rules (sm_90, {sm_count('cpu')} SMs, "
+          f"FASTMVIT_SM_COUNT to change)")
     print(format_plan(rows, fusion_rows(model, batch, size), usage))
     return 0
 

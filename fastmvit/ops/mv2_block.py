@@ -32,7 +32,7 @@ from torch.library import triton_op
 from fastmvit.kernels import mv2_block as _k
 from fastmvit.kernels.dwconv import out_size
 
-from fastmvit.kernels._common import empty_output, poisoning
+from fastmvit.kernels._common import DRAM_BW, LAUNCH_COST, STEP_GEMM, empty_output, poisoning  # noqa: F401
 
 from ._common import check_nhwc, inference_only
 from .dwconv import dwconv3x3
@@ -100,14 +100,13 @@ def pack_inverted_residual(w1: torch.Tensor, b1: torch.Tensor, wdw: torch.Tensor
 # when to fuse
 # --------------------------------------------------------------------------------------------------
 
+# DRAM_BW, LAUNCH_COST and STEP_GEMM are kernels._common's (the split rule shares them).
 # H100 SXM figures the rule is written against (sm_90; H200 only raises DRAM_BW, which favours fusing).
 # Achievable, not peak: ~80 % of 3.35 TB/s; 132 SMs x 16 MUFU ops/clk x 1.7 GHz; tensor-core rates for
 # Triton wgmma at the tiny K (16 ... 128) of these blocks and at the GEMM kernels' larger tiles.
-DRAM_BW = 2.7e12          # bytes/s
 MUFU_RATE = 3.6e12        # ex2 / rcp per second (a SiLU costs two: ex2 + the division's rcp)
 TC_RATE_FUSED = 2.0e14    # FLOP/s, fp16/bf16, per-tap expansion dots with K = Cin
 TC_RATE_GEMM = 4.0e14     # FLOP/s, the unfused 1x1 GEMMs
-LAUNCH_COST = 2.5e-6      # seconds a kernel costs beyond its roofline time (launch gap, ramp, tail)
 FUSE_MARGIN = 0.9         # fuse only when predicted at least 10 % faster: the model is unmeasured
 
 # The latency term: a grid of few CTAs with long serial loops cannot use the other SMs however little it
@@ -119,7 +118,6 @@ STEP_FUSED = 0.35e-6      # one (hidden chunk, tap) step of the fused kernel: an
                           # num_stages=1 does not prefetch (L2/DRAM latency), a wgmma, SiLU, the depthwise FMA;
                           # the low end of the review's 0.35-1 us (50-150 us for 144 steps), so the term
                           # overrules the roofline only where even the optimistic latency loses
-STEP_GEMM = 0.1e-6        # one K step of the pipelined GEMM (its loads issued num_stages - 1 steps ahead)
 STEP_DW = 1.0e-6          # the depthwise kernel's single step: nine tap loads in flight, then the FMAs
 CTAS_PER_SM_GEMM = 3      # resident CTAs per SM (kernels/check: 2-4 for the GEMM tiles; 1 for the fused
                           # kernel with 8 warps, about 2 with 4)

@@ -16,12 +16,15 @@ from .faults import ServingLimits
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fastmvit serve",
-        description="Serve a fastmvit classifier over HTTP with LitServe: POST an encoded image to /predict "
+        description="Serve a fastmvit model over HTTP with LitServe: POST an encoded image to /predict "
                     "(curl --data-binary @cat.jpg http://127.0.0.1:8000/predict) and get "
-                    '[{"label": ..., "score": ...}, ...]. /health turns 200 after warm-up; /metrics is '
-                    "Prometheus. `python -m fastmvit serve triton --help` writes a Triton model repository "
-                    "instead.")
-    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0 (default s)")
+                    '[{"label": ..., "score": ...}, ...] from a classifier, or from a segmentation model '
+                    '(deeplabv3-<variant>) {"mask": "<base64 PNG of class indices>", "classes": [...], ...} '
+                    "at the image's own size (the bare PNG with Accept: image/png). /health turns 200 after "
+                    "warm-up; /metrics is Prometheus. `python -m fastmvit serve triton --help` writes a Triton "
+                    "model repository instead.")
+    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0, or a segmentation model "
+                                                "deeplabv3-<variant> (default s)")
     p.add_argument("--weights", help="checkpoint file or Hugging Face directory (default: pretrained)")
     p.add_argument("--random", action="store_true", help="random weights (no download); for smoke tests")
     p.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0", "::"),
@@ -33,11 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-device", type=int, default=1, help="model workers per device (default 1)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="what runs inside (default: float16 on a GPU, float32 on the CPU)")
-    p.add_argument("--input-size", type=int, help="square input size (default: the checkpoint's)")
+    p.add_argument("--input-size", type=int, help="square input size (default: the checkpoint's); for segmentation "
+                                                   "the shorter side, the whole image is seen")
     p.add_argument("--max-batch-size", type=int, default=16, help="most requests per forward (default 16)")
     p.add_argument("--batch-timeout-ms", type=float, default=5.0,
                    help="how long the worker waits for a batch to fill, in ms (default 5)")
-    p.add_argument("--top-k", type=int, default=5, help="classes per answer unless ?top_k= says (default 5)")
+    p.add_argument("--top-k", type=int, default=5,
+                   help="classes per answer unless ?top_k= says (default 5; classifiers only)")
     d = ServingLimits()
     p.add_argument("--body-timeout", type=float, default=d.body_timeout,
                    help=f"seconds to receive a request body, else 408 (default {d.body_timeout:g})")

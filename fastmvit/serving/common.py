@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..masks import label_map, mask_png
 from ..model import MIN_INPUT_SIZE
 from ..preprocess import PreprocessConfig, imagenet_classes, load_image, preprocess, topk
 from ..variants import get_variant
 
 __all__ = [
-    "InputLimits", "RequestError", "ImageDecoder", "Classifier", "default_batch_sizes", "resolve_device",
-    "resolve_dtype", "scaled_preprocess",
+    "InputLimits", "RequestError", "ImageDecoder", "SegmentationDecoder", "Classifier", "Segmenter",
+    "default_batch_sizes", "resolve_device", "resolve_dtype", "scaled_preprocess",
 ]
 
 
@@ -103,15 +104,17 @@ class ImageDecoder:
         return (3, self.cfg.input_size, self.cfg.input_size)
 
     def decode(self, data: Union[bytes, bytearray, memoryview]) -> np.ndarray:
+        return preprocess(self._open(data), self.cfg).numpy()
+
+    def _open(self, data) -> "PIL.Image.Image":  # noqa: F821
+        """The checked, decoded RGB image."""
         if data is None or len(data) == 0:
             raise RequestError(400, "empty request: send an encoded image (JPEG, PNG, WebP, ...)")
         if len(data) > self.limits.max_bytes:
             raise RequestError(413, f"an image of {len(data)} bytes exceeds the limit of "
                                     f"{self.limits.max_bytes} bytes")
-        data = bytes(data)
         try:
-            img = load_image(data, min_side=self.limits.min_side, max_pixels=self.limits.max_pixels)
-            return preprocess(img, self.cfg).numpy()
+            return load_image(bytes(data), min_side=self.limits.min_side, max_pixels=self.limits.max_pixels)
         except InputError as e:
             raise RequestError(_STATUS.get(e.reason, 400), _clean(str(e))) from None
 
@@ -136,18 +139,7 @@ class ImageDecoder:
 
         The header is checked before any array is allocated, so a file declaring a huge shape costs nothing.
         """
-        if not data:
-            raise RequestError(400, "empty request: send a .npy array of shape [3, S, S]")
-        if len(data) > self.limits.max_bytes:
-            raise RequestError(413, f"a body of {len(data)} bytes exceeds the limit of {self.limits.max_bytes} bytes")
-        fp = io.BytesIO(data)
-        fmt = np.lib.format
-        try:
-            version = fmt.read_magic(fp)
-            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(fp)
-        except (ValueError, OSError, SyntaxError, TypeError):
-            raise RequestError(400, "the body is not a valid .npy array") from None
+        fp, shape, fortran_order, dtype = self._npy_header(data, "[3, S, S]")
         S = self.cfg.input_size
         if dtype != np.dtype("<f4"):
             raise RequestError(422, f"expected float32 pixels in [0, 1], got {_clean(str(dtype), 40)}")
@@ -158,12 +150,102 @@ class ImageDecoder:
                                     f"separate requests, the server batches them")
         if tuple(shape) != self.image_shape:
             raise RequestError(422, f"expected an image of shape [3, {S}, {S}], got {list(shape)}")
+        return self.check_images(self._npy_values(fp, shape, fortran_order)[None])[0]
+
+    def _npy_header(self, data: bytes, expected: str):
+        """(file, shape, fortran_order, dtype) of a ``.npy`` body, read without allocating its array."""
+        if not data:
+            raise RequestError(400, f"empty request: send a .npy array of shape {expected}")
+        if len(data) > self.limits.max_bytes:
+            raise RequestError(413, f"a body of {len(data)} bytes exceeds the limit of {self.limits.max_bytes} bytes")
+        fp = io.BytesIO(data)
+        fmt = np.lib.format
+        try:
+            version = fmt.read_magic(fp)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(fp)
+        except (ValueError, OSError, SyntaxError, TypeError):
+            raise RequestError(400, "the body is not a valid .npy array") from None
+        return fp, tuple(shape), fortran_order, dtype
+
+    @staticmethod
+    def _npy_values(fp, shape, fortran_order) -> np.ndarray:
         count = math.prod(shape)
         raw = fp.read(count * 4 + 1)
         if len(raw) != count * 4:
             raise RequestError(400, f"the .npy array is truncated: its header declares {count} float32 values")
         x = np.frombuffer(raw, dtype="<f4").reshape(shape, order="F" if fortran_order else "C")
-        return self.check_images(np.ascontiguousarray(x)[None])[0]
+        return np.ascontiguousarray(x)
+
+
+# Segmentation serves whole images, resized so the shorter side is the input size; a longer side more than
+# this many times the shorter would make the model's input (and its memory) grow without bound.
+MAX_ASPECT = 4
+
+
+class SegmentationDecoder(ImageDecoder):
+    """``ImageDecoder`` for segmentation models, which see the whole image, not a centre crop.
+
+    ``decode(data)`` returns ``(pixels, (H, W))``: ``[3, h, w]`` float32 in [0, 1], the image resized so its
+    shorter side is the input size S, as ``python -m fastmvit predict`` does (``fastmvit.masks``); and the
+    image's own size, the size of its mask. ``check_images(x)`` checks ``[N, 3, H, W]`` pixels sent as
+    tensors (the mask then has their size); ``read_npy`` reads one ``[3, H, W]``. The model's input has at
+    most ``max_input_pixels`` (S x 4S): a more elongated image gets a 422.
+    """
+
+    @property
+    def max_input_pixels(self) -> int:
+        return MAX_ASPECT * self.cfg.input_size ** 2
+
+    def decode(self, data) -> Tuple[np.ndarray, Tuple[int, int]]:
+        from ..masks import whole_image_array
+
+        img = self._open(data)
+        w, h = img.size
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise RequestError(422, f"an image of {w}x{h} is more elongated than {MAX_ASPECT}:1, the most a "
+                                    f"segmentation model here takes whole; crop it first")
+        return whole_image_array(img, self.cfg), (h, w)
+
+    def check_images(self, x):
+        shape = tuple(x.shape)
+        dtype = str(x.dtype).replace("torch.", "")
+        if dtype != "float32":
+            raise RequestError(422, f"expected float32 pixels in [0, 1], got {dtype}")
+        if len(shape) != 4 or shape[1] != 3:
+            raise RequestError(422, f"expected images of shape [N, 3, H, W], got {list(shape)}")
+        if shape[0] < 1:
+            raise RequestError(422, "expected at least one image, got an empty batch")
+        self._check_size(shape[2], shape[3])
+        finite = torch.isfinite(x).all() if isinstance(x, torch.Tensor) else np.isfinite(x).all()
+        if not bool(finite):
+            raise RequestError(422, "the image tensor holds NaN or infinite values")
+        return x
+
+    def _check_size(self, h: int, w: int) -> None:
+        if min(h, w) < self.limits.min_side:
+            raise RequestError(422, f"an image of {w}x{h} is too small; each side needs at least "
+                                    f"{self.limits.min_side} pixels")
+        if h * w > self.max_input_pixels:
+            S = self.cfg.input_size
+            raise RequestError(422, f"an image tensor of {w}x{h} exceeds the {self.max_input_pixels} pixels "
+                                    f"({S}x{MAX_ASPECT * S}) a segmentation model here takes; resize it so its "
+                                    f"shorter side is {S}")
+
+    def read_npy(self, data: bytes) -> np.ndarray:
+        """One image as a ``.npy`` file, ``[3, H, W]`` or ``[1, 3, H, W]`` float32 -> ``[3, H, W]``."""
+        fp, shape, fortran_order, dtype = self._npy_header(data, "[3, H, W]")
+        if dtype != np.dtype("<f4"):
+            raise RequestError(422, f"expected float32 pixels in [0, 1], got {_clean(str(dtype), 40)}")
+        if len(shape) == 4 and shape[1] == 3:
+            if shape[0] != 1:
+                raise RequestError(422, f"one image per request: got a batch of {shape[0]}; send them as "
+                                        f"separate requests, the server batches them")
+            shape = shape[1:]
+        if len(shape) != 3 or shape[0] != 3:
+            raise RequestError(422, f"expected an image of shape [3, H, W], got {list(shape)}")
+        self._check_size(shape[1], shape[2])
+        return self.check_images(self._npy_values(fp, shape, fortran_order)[None])[0]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -241,6 +323,8 @@ class Classifier:
     captures them; a batch larger than the largest size runs in chunks.
     """
 
+    task = "classification"
+
     def __init__(self, model: torch.nn.Module, *, batch_sizes: Sequence[int] = (1,), input_size: Optional[int] = None,
                  limits: InputLimits = InputLimits(), pad_batches: Optional[bool] = None):
         p = next(model.parameters())
@@ -266,7 +350,12 @@ class Classifier:
         ``progress`` is told what is loading (default: a line on stderr; None for silence)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        model = get_variant(model).name  # a bad name fails here, before any progress line
+        from ..segmentation import is_segmentation_name, segmentation_variant
+
+        if is_segmentation_name(model):
+            segmentation_variant(model)  # a bad name fails here, before any progress line
+        else:
+            model = get_variant(model).name
         start = time.perf_counter()
         what = f"weights {weights}" if weights is not None else ("random weights" if not pretrained else
                                                                   "pretrained weights")
@@ -277,6 +366,8 @@ class Classifier:
                          backend="auto", cuda_graphs=True)
         if progress:
             progress(f"loaded {model} in {time.perf_counter() - start:.1f} s")
+        if cls is Classifier and getattr(net, "task", None) == "segmentation":
+            cls = Segmenter  # a segmentation name, or a DeepLabV3 checkpoint under its backbone's name
         return cls(net, **kwargs)
 
     @property
@@ -308,8 +399,11 @@ class Classifier:
         if size > n:
             x = torch.cat([x, x.new_zeros((size - n,) + tuple(x.shape[1:]))])
         with self._lock:
-            logits = self.model(x.to(self.dtype))
-            return logits[:n].float().cpu()
+            return self._keep(self.model(x.to(self.dtype))[:n])
+
+    def _keep(self, out: torch.Tensor) -> torch.Tensor:
+        """The forward's output as the caller gets it, copied out of buffers a CUDA graph replays into."""
+        return out.float().cpu()
 
     def warmup(self, progress: Optional[Callable[[str], None]] = say) -> Tuple[int, ...]:
         """Run one forward at every batch size, so the first requests find every kernel compiled, every
@@ -339,3 +433,54 @@ class Classifier:
     def top_k(self, logits: torch.Tensor, k: int) -> List[List[dict]]:
         """``[[{"label", "index", "score"}, ...]]``: softmax probabilities of the ``k`` best classes per row."""
         return topk(logits, k, self.labels)
+
+
+class Segmenter(Classifier):
+    """A segmentation model (DeepLabV3) behind a server: whole images in, a mask per image out.
+
+    ``decoder`` is a ``SegmentationDecoder``: each request's image arrives resized so its shorter side is
+    the input size S, with its own size beside it. ``forward`` takes ``[B, 3, h, w]`` float32 of one shape
+    (warm-up runs S x S) and returns the logits ``[B, C, h/os, w/os]`` float32, left on the model's device so
+    ``labels_of`` resizes them there. ``labels_of(logits, size)`` is the label map ``[H, W]`` at the image's
+    own size (``fastmvit.masks.label_map``: bilinear as the checkpoint's source does, resized a class at a
+    time when large, so memory stays bounded); ``answer`` adds the mask PNG and each class's share of
+    pixels. ``labels`` are the class names, by index.
+    """
+
+    task = "segmentation"
+
+    def __init__(self, model: torch.nn.Module, **kwargs):
+        super().__init__(model, **kwargs)
+        self.decoder = SegmentationDecoder(self.decoder.cfg, self.decoder.limits)
+        self.labels = list(self.labels) if self.labels else [str(i) for i in range(self.num_classes)]
+        self.align_corners = bool(model.pretrained_cfg.get("upsample_align_corners", False))
+        self.label_dtype = torch.uint8 if self.num_classes <= 256 else torch.int32
+
+    @torch.inference_mode()
+    def forward(self, images: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
+        x = torch.as_tensor(images)
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise InputError(f"expected images [B, 3, H, W], got {list(x.shape)}")
+        chunks = x.split(self.max_batch_size) if x.shape[0] > self.max_batch_size else [x]
+        return torch.cat([self._forward_chunk(c) for c in chunks])
+
+    def _keep(self, out: torch.Tensor) -> torch.Tensor:
+        return out.to(torch.float32, copy=True)  # stays on the device: labels_of() resizes it there
+
+    @torch.inference_mode()
+    def labels_of(self, logits: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
+        """One image's logits ``[C, h, w]`` -> its label map ``[H, W]`` (uint8 below 256 classes)."""
+        return label_map(logits[None], size=tuple(size), align_corners=self.align_corners,
+                         dtype=self.label_dtype)[0].cpu().numpy()
+
+    def classes_in(self, labels: np.ndarray) -> List[dict]:
+        """``[{"label", "index", "share"}]`` of the classes present, largest share of pixels first."""
+        counts = np.bincount(labels.ravel(), minlength=self.num_classes)
+        total = max(1, labels.size)
+        present = sorted((int(i) for i in np.flatnonzero(counts)), key=lambda i: (-counts[i], i))
+        return [{"label": self.labels[i], "index": i, "share": float(counts[i]) / total} for i in present]
+
+    def answer(self, logits: torch.Tensor, size: Tuple[int, int]) -> Tuple[bytes, List[dict]]:
+        """(mask PNG of class indices at ``size``, the classes present with their shares)."""
+        labels = self.labels_of(logits, size)
+        return mask_png(labels), self.classes_in(labels)

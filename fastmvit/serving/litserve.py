@@ -15,6 +15,14 @@ in LitServe's batched loop an exception from any one request fails every request
 ``GET /health`` is 200 only once the worker has loaded the model and run every batch size;
 ``GET /metrics`` has the Prometheus metrics.
 
+A segmentation model (``--model deeplabv3-<variant>``) sees the whole image, its shorter side resized to
+the input size, and answers its mask at the image's own size (a ``.npy`` tensor ``[3, H, W]``: at H x W):
+    {"width": W, "height": H, "mask": "<base64 PNG>", "classes": [{"label", "index", "share"}, ...],
+     "labels": [every class name, by index]}
+where the PNG's pixel values are class indices (an 8-bit palette PNG in PASCAL VOC colours; 16-bit grey
+above 256 classes) and ``classes`` are those present, largest share of pixels first. With
+``Accept: image/png`` the answer is the bare PNG. Requests of equal input shape run in one forward.
+
 Faults (``ServingLimits`` in ``fastmvit.serving.faults`` sets the limits):
   - a model worker that dies (killed, out of host memory, a CUDA fault) is restarted with a bounded
     back-off; the requests it held get 503 with Retry-After at once, ``/health`` is 503 until the new
@@ -53,9 +61,9 @@ from fastapi import Depends, HTTPException, Request
 from litserve.loops.base import _SENTINEL_VALUE
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, WorkerSetupStatus
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
-from .common import Classifier, ImageDecoder, InputLimits, RequestError, default_batch_sizes
+from .common import Classifier, ImageDecoder, InputLimits, RequestError, Segmenter, default_batch_sizes
 from .faults import InjectedFaults, Refusal, ServingLimits, forward_with_retries, refusal_for
 from .metrics import RequestMetricsMiddleware, ServerMetrics
 
@@ -72,9 +80,28 @@ for _name in ("_start_server", "_start_worker_monitoring", "_perform_graceful_sh
 
 NPY_TYPES = ("application/x-npy", "application/npy")
 
-# What the HTTP process hands the worker for one request: (pixels [3, S, S] float32, top_k).
-# A plain tuple of a NumPy array and an int: it crosses LitServe's multiprocessing queues with plain pickle.
-Payload = Tuple[np.ndarray, int]
+# What the HTTP process hands the worker for one request: (pixels [3, S, S] float32, top_k) for a classifier,
+# (pixels [3, h, w] float32, ((H, W) of the mask, PNG answer?)) for a segmentation model. Plain tuples of a
+# NumPy array and ints: they cross LitServe's multiprocessing queues with plain pickle.
+Payload = Tuple[np.ndarray, object]
+
+
+def wants_png(accept: Optional[str]) -> bool:
+    """Whether an ``Accept`` header prefers ``image/png`` to JSON (by q-value; JSON on a tie or none)."""
+    best = {"png": 0.0, "json": 0.0}
+    for part in (accept or "").split(","):
+        kind, *params = [p.strip().lower() for p in part.split(";")]
+        q = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        for key, names in (("png", ("image/png", "image/*")), ("json", ("application/json", "application/*", "*/*"))):
+            if kind in names:
+                best[key] = max(best[key], q)
+    return best["png"] > best["json"]
 
 
 async def _payload(request: Request) -> Payload:
@@ -83,7 +110,8 @@ async def _payload(request: Request) -> Payload:
 
 
 class FastMViTAPI(ls.LitAPI):
-    """Serve a fastmvit classifier with LitServe's dynamic batching.
+    """Serve a fastmvit classifier, or segmentation model (masks: see the module docstring), with LitServe's
+    dynamic batching.
 
     Args:
         model, weights, pretrained: as ``fastmvit.load``.
@@ -114,6 +142,7 @@ class FastMViTAPI(ls.LitAPI):
         self.metrics = ServerMetrics(max_batch_size)
         self.decoder: Optional[ImageDecoder] = None  # HTTP process: set by prepare()
         self.num_classes: Optional[int] = None
+        self.task = "classification"  # or "segmentation": set by prepare() (HTTP process) and setup() (worker)
         self.classifier: Optional[Classifier] = None  # worker process: set by setup()
         self._slots = None  # HTTP process: made on first use, in that process's event loop
 
@@ -123,8 +152,8 @@ class FastMViTAPI(ls.LitAPI):
         process can check and decode requests. ``build_server`` calls it."""
         c = Classifier.load(self.model_name, self.weights, pretrained=self.pretrained, device="cpu",
                             dtype="float32", input_size=self.input_size, limits=self.limits)
-        self.decoder, self.num_classes = c.decoder, c.num_classes
-        if not 1 <= self.default_top_k <= self.num_classes:
+        self.decoder, self.num_classes, self.task = c.decoder, c.num_classes, c.task
+        if self.task == "classification" and not 1 <= self.default_top_k <= self.num_classes:
             raise ValueError(f"top_k must lie in 1..{self.num_classes}, got {self.default_top_k}")
 
     async def read_request(self, request: Request) -> Payload:
@@ -140,16 +169,24 @@ class FastMViTAPI(ls.LitAPI):
             elif kind.startswith("multipart/"):
                 raise RequestError(415, "multipart forms are not read: send the image itself as the body "
                                         "(curl --data-binary @image.jpg)")
-            top_k = self._top_k(top_k)
+            if self.task == "segmentation":  # no top_k: every pixel gets its class
+                options = wants_png(request.headers.get("accept"))
+            else:
+                options = self._top_k(top_k)
             if kind in NPY_TYPES:
                 pixels = self.decoder.read_npy(body)
+                size = pixels.shape[1:]
             else:
                 pixels = await anyio.to_thread.run_sync(self.decoder.decode, body, limiter=self._decode_slots())
+                if self.task == "segmentation":
+                    pixels, size = pixels
         except RequestError as e:
             headers = {"Retry-After": str(self.serving_limits.retry_after)} if e.status in (429, 503) else None
             raise HTTPException(status_code=e.status, detail=e.message, headers=headers) from None
         self.metrics.decode(time.perf_counter() - start)
-        return pixels, top_k
+        if self.task == "segmentation":
+            return pixels, ((int(size[0]), int(size[1])), options)
+        return pixels, options
 
     def _decode_slots(self) -> "anyio.CapacityLimiter":
         """At most a few decodes at once per HTTP process: a large image takes ~100 MB while decoding,
@@ -218,6 +255,7 @@ class FastMViTAPI(ls.LitAPI):
         self.classifier = Classifier.load(
             self.model_name, self.weights, pretrained=self.pretrained, device=self.device_override or device,
             dtype=self.dtype, input_size=self.input_size, limits=self.limits, batch_sizes=self.batch_sizes)
+        self.task = self.classifier.task
         self.metrics.warmup(self.classifier.warmup())
         self._forward = lambda images: self.classifier.forward(images)
         faults = InjectedFaults.from_env()
@@ -228,26 +266,62 @@ class FastMViTAPI(ls.LitAPI):
         return request  # read, checked and decoded in the HTTP process already
 
     def batch(self, inputs):
+        if self.task == "segmentation":
+            return list(inputs)  # shapes differ: predict() groups them
         return np.stack([pixels for pixels, _ in inputs]), [k for _, k in inputs]
 
     def predict(self, x):
-        """One answer per request: its top-k, or a ``Refusal`` when the forward failed for it. A failure
-        never escapes: LitServe would fail the whole batch with an opaque 500."""
+        """One answer per request: its top-k (or mask), or a ``Refusal`` when the forward failed for it. A
+        failure never escapes: LitServe would fail the whole batch with an opaque 500."""
+        if self.task == "segmentation":
+            return self._refuse_failures(self._segment(x))
         images, ks = x
         start = time.perf_counter()
         rows = forward_with_retries(self._forward, torch.from_numpy(images), release=self._release)
         self.metrics.batch(len(ks), time.perf_counter() - start)
         good = [i for i, r in enumerate(rows) if isinstance(r, torch.Tensor)]
-        out: List[object] = [None] * len(rows)
+        out: List[object] = list(rows)
         if good:
             tops = self.classifier.top_k(torch.stack([rows[i] for i in good]), max(ks[i] for i in good))
             for i, top in zip(good, tops):
                 out[i] = [{"label": t["label"], "score": t["score"]} for t in top[: ks[i]]]
-        failures = {id(r): r for r in rows if isinstance(r, BaseException)}
+        return self._refuse_failures(out)
+
+    def _segment(self, inputs: List[Payload]) -> List[object]:
+        """One forward per input shape (whole images of one aspect ratio share it), then each request's mask
+        at its own size: the PNG bytes, or the JSON answer. An exception in place of an answer that failed."""
+        seg: Segmenter = self.classifier
+        groups: Dict[tuple, List[int]] = {}
+        for i, (pixels, _) in enumerate(inputs):
+            groups.setdefault(pixels.shape, []).append(i)
+        out: List[object] = [None] * len(inputs)
+        for idx in groups.values():
+            start = time.perf_counter()
+            images = torch.from_numpy(np.stack([inputs[i][0] for i in idx]))
+            rows = forward_with_retries(self._forward, images, release=self._release)
+            self.metrics.batch(len(idx), time.perf_counter() - start)
+            for i, row in zip(idx, rows):
+                if isinstance(row, BaseException):
+                    out[i] = row
+                    continue
+                (height, width), png = inputs[i][1]
+                try:
+                    mask, classes = seg.answer(row, (height, width))
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory resizing a huge mask: this request only
+                    out[i] = e
+                    continue
+                out[i] = mask if png else {"width": width, "height": height,
+                                           "mask": base64.b64encode(mask).decode("ascii"),
+                                           "classes": classes, "labels": seg.labels}
+        return out
+
+    def _refuse_failures(self, out: List[object]) -> List[object]:
+        """Each exception in ``out`` logged once and replaced by its ``Refusal``."""
+        failures = {id(r): r for r in out if isinstance(r, BaseException)}
         for e in failures.values():
-            logger.error("forward failed for %d of %d requests", sum(r is e for r in rows), len(rows),
+            logger.error("forward failed for %d of %d requests", sum(r is e for r in out), len(out),
                          exc_info=(type(e), e, e.__traceback__))
-        for i, r in enumerate(rows):
+        for i, r in enumerate(out):
             if isinstance(r, BaseException):
                 out[i] = refusal_for(r)
                 if out[i].fatal and self.exit_code is None:
@@ -267,6 +341,8 @@ class FastMViTAPI(ls.LitAPI):
         if isinstance(output, Refusal):
             headers = {"Retry-After": str(self.serving_limits.retry_after)} if output.retry else None
             return JSONResponse({"detail": output.message}, status_code=output.status, headers=headers)
+        if isinstance(output, bytes):
+            return Response(output, media_type="image/png")
         return output
 
 
@@ -540,9 +616,13 @@ def build_server(api: FastMViTAPI, *, accelerator: str = "auto", devices: Union[
     from . import metrics
 
     api.prepare()
+    if api.task == "segmentation":
+        metadata = {"model": api.model_name, "task": api.task, "input_size": api.decoder.cfg.input_size,
+                    "classes": api.num_classes}
+    else:
+        metadata = {"model": api.model_name, "top_k": api.default_top_k, "input": list(api.decoder.image_shape)}
     server = ResilientLitServer(api, accelerator=accelerator, devices=devices, workers_per_device=workers_per_device,
-                                model_metadata={"model": api.model_name, "top_k": api.default_top_k,
-                                                "input": list(api.decoder.image_shape)})
+                                model_metadata=metadata)
     server.app.state.fastmvit_api = api
     if metrics.available():
         server.app.add_route("/metrics", metrics.metrics_endpoint(), methods=["GET"])

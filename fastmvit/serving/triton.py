@@ -16,6 +16,15 @@ The model's interface (Open Inference Protocol / KServe V2), per request, a batc
                      topk_scores  FP32  [N, K]        softmax probabilities
                      topk_labels  BYTES [N, K]        class names (UTF-8)
 A bad request gets its own 400 error; the other requests of its batch are answered as usual.
+
+A segmentation model (``--model deeplabv3-<variant>``) sees whole images and answers a mask per image:
+    inputs, one of:  image        FP32  [N, 3, H, W]  pixels in [0, 1] (any H, W; the mask is H x W)
+                     image_bytes  BYTES [N, 1]        encoded images: resized so the shorter side is S,
+                                                      the mask at the image's own size
+    outputs:         mask_png     BYTES [N, 1]        PNG whose pixel values are class indices (8-bit palette,
+                                                      PASCAL VOC colours; 16-bit grey above 256 classes)
+``labels.txt`` names the classes, line i for index i. The model groups the images of all the requests
+of a batch by input shape and runs one forward per shape.
 """
 from __future__ import annotations
 
@@ -46,13 +55,17 @@ def config_pbtxt(*, name: str, image_size: int, num_classes: int, top_k: int, ki
                  gpus: Optional[Sequence[int]] = None, max_batch_size: int = 32,
                  batch_sizes: Optional[Sequence[int]] = None, max_queue_delay_us: int = 2000,
                  parameters: Optional[dict] = None, label_file: Optional[str] = "labels.txt",
-                 queue_timeout_s: Optional[float] = 30.0, max_queue_size: Optional[int] = 256) -> str:
+                 queue_timeout_s: Optional[float] = 30.0, max_queue_size: Optional[int] = 256,
+                 task: str = "classification") -> str:
     """The text of ``config.pbtxt``. ``kind`` is "cpu" or "gpu"; ``batch_sizes`` (default 1, 2, 4, ... up
     to ``max_batch_size``) are the sizes the model warms up: those above 1 become the preferred batch
     sizes (1 would let the batcher send every lone request at once instead of waiting to batch).
     ``queue_timeout_s``: a request waiting longer for an instance is rejected (UNAVAILABLE) instead of
     waiting forever behind a hung one; a client may ask for less with its own ``timeout`` parameter.
-    ``max_queue_size``: more queued requests are rejected at once (UNAVAILABLE). None: no limit."""
+    ``max_queue_size``: more queued requests are rejected at once (UNAVAILABLE). None: no limit.
+    ``task`` "segmentation": images of any size in, ``mask_png`` out (``top_k`` is unused)."""
+    if task not in ("classification", "segmentation"):
+        raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
     if kind not in ("cpu", "gpu"):
         raise ValueError(f"kind must be 'cpu' or 'gpu', got {kind!r}")
     sizes = sorted(set(batch_sizes or default_batch_sizes(max_batch_size)))
@@ -67,19 +80,28 @@ def config_pbtxt(*, name: str, image_size: int, num_classes: int, top_k: int, ki
         # let inputs stay where the client put them (CUDA shared memory) instead of a copy to the host
         params.setdefault("FORCE_CPU_ONLY_INPUT_TENSORS", "no")
     labels = f' label_filename: "{label_file}"' if label_file else ""
+    # segmentation: whole images of any size (the model checks the limits), one mask PNG each
+    dims = "3, -1, -1" if task == "segmentation" else f"3, {image_size}, {image_size}"
     lines = [
         f'name: "{name}"',
         'backend: "python"',
         f"max_batch_size: {int(max_batch_size)}",
         "input [",
-        f'  {{ name: "image" data_type: TYPE_FP32 dims: [ 3, {image_size}, {image_size} ] optional: true }},',
+        f'  {{ name: "image" data_type: TYPE_FP32 dims: [ {dims} ] optional: true }},',
         '  { name: "image_bytes" data_type: TYPE_STRING dims: [ 1 ] optional: true }',
         "]",
         "output [",
-        f'  {{ name: "logits" data_type: TYPE_FP32 dims: [ {num_classes} ]{labels} }},',
-        f'  {{ name: "topk_indices" data_type: TYPE_INT64 dims: [ {top_k} ] }},',
-        f'  {{ name: "topk_scores" data_type: TYPE_FP32 dims: [ {top_k} ] }},',
-        f'  {{ name: "topk_labels" data_type: TYPE_STRING dims: [ {top_k} ] }}',
+    ]
+    if task == "segmentation":
+        lines += [f'  {{ name: "mask_png" data_type: TYPE_STRING dims: [ 1 ]{labels} }}']
+    else:
+        lines += [
+            f'  {{ name: "logits" data_type: TYPE_FP32 dims: [ {num_classes} ]{labels} }},',
+            f'  {{ name: "topk_indices" data_type: TYPE_INT64 dims: [ {top_k} ] }},',
+            f'  {{ name: "topk_scores" data_type: TYPE_FP32 dims: [ {top_k} ] }},',
+            f'  {{ name: "topk_labels" data_type: TYPE_STRING dims: [ {top_k} ] }}',
+        ]
+    lines += [
         "]",
         "dynamic_batching {",
         f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]",
@@ -143,6 +165,8 @@ def write_model_repository(
     version: int = 1,
 ) -> Path:
     """Write ``repository/name/{config.pbtxt, labels.txt, <version>/model.py}`` and return the model folder.
+    A segmentation model (a ``deeplabv3-<variant>`` name or a DeepLabV3 checkpoint) gets the ``mask_png``
+    output (module docstring) and its class names in ``labels.txt``.
 
     The model is loaded once here (on the CPU) to learn its input size, classes and labels, so the
     repository's fixed dims match what the server will load. ``weights`` is referenced by absolute path,
@@ -169,7 +193,9 @@ def write_model_repository(
         from ..preprocess import imagenet_classes
 
         labels = imagenet_classes()
-    if not 1 <= top_k <= net.num_classes:
+    task = getattr(net, "task", "classification")
+    served = f"deeplabv3-{net.variant.name}" if task == "segmentation" else net.variant.name
+    if task == "classification" and not 1 <= top_k <= net.num_classes:
         raise ValueError(f"top_k must lie in 1..{net.num_classes}, got {top_k}")
 
     model_dir = Path(repository) / name
@@ -182,7 +208,8 @@ def write_model_repository(
     else:
         weights_ref = str(Path(weights).expanduser().resolve())
     params = {
-        "fastmvit_model": net.variant.name,
+        "fastmvit_model": served,
+        "fastmvit_task": task,
         "fastmvit_weights": weights_ref,
         "fastmvit_pretrained": str(pretrained).lower() if not isinstance(pretrained, str) else pretrained,
         "fastmvit_dtype": dtype,
@@ -197,7 +224,7 @@ def write_model_repository(
     text = config_pbtxt(name=name, image_size=cfg.input_size, num_classes=net.num_classes, top_k=top_k,
                         kind=kind, instances=instances, gpus=gpus, max_batch_size=max_batch_size,
                         batch_sizes=batch_sizes, max_queue_delay_us=max_queue_delay_us, parameters=params,
-                        queue_timeout_s=queue_timeout_s, max_queue_size=max_queue_size)
+                        queue_timeout_s=queue_timeout_s, max_queue_size=max_queue_size, task=task)
     (model_dir / "config.pbtxt").write_text(text)
     names = labels if labels is not None else [str(i) for i in range(net.num_classes)]
     (model_dir / "labels.txt").write_text("".join(n.replace("\n", " ") + "\n" for n in names), encoding="utf-8")
@@ -212,7 +239,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Write a Triton Inference Server model repository for a fastmvit "
                                             "model (Python backend, dynamic batching).")
     p.add_argument("repository", help="model repository folder to write into (created if missing)")
-    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0 (default s)")
+    p.add_argument("--model", default="s", help="variant: xxs, xs, s, v2-0.5 ... v2-2.0, or a segmentation model "
+                                                "deeplabv3-<variant> (default s)")
     p.add_argument("--weights", help="checkpoint file or Hugging Face directory (default: pretrained)")
     p.add_argument("--random", action="store_true", help="random weights (no download); for smoke tests")
     p.add_argument("--name", default="fastmvit", help="model name in the repository (default fastmvit)")

@@ -13,6 +13,10 @@ batch and retries the halves, and an image that does not fit even alone gets UNA
 then unusable and Triton (2.4x-2.6x) neither restarts a Python-backend stub nor turns its readiness false,
 every later request is answered UNAVAILABLE at once, saying so, and ``python -m fastmvit.serving.probe``
 (an inference, not a health call) reports the model not ready. Anything else: INTERNAL for that batch.
+
+A segmentation model answers ``mask_png`` per image: ``execute`` groups the images of all its requests by
+input shape (whole images, so the shape follows the aspect ratio), runs one forward per shape, and gives
+each request its own masks, in its own order, each at its image's size.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from .common import Classifier, InputLimits, RequestError
+from .common import Classifier, InputLimits, RequestError, Segmenter
 from .faults import InjectedFaults, forward_with_retries, is_device_fault, refusal_for
 
 __all__ = ["TritonPythonModel"]
@@ -82,6 +86,7 @@ class TritonPythonModel:
             dtype=params.get("fastmvit_dtype", "auto"), input_size=input_size, limits=limits,
             batch_sizes=sorted({1, max_batch_size, *map(int, preferred)}))
         self.top_k = int(params.get("fastmvit_top_k", 5))
+        self.segmentation = isinstance(self.classifier, Segmenter)
         self._check_config(config)
         names = self.classifier.labels or [str(i) for i in range(self.classifier.num_classes)]
         self.label_bytes = np.array([n.encode("utf-8") for n in names], dtype=np.object_)
@@ -100,11 +105,17 @@ class TritonPythonModel:
 
     def _check_config(self, config: dict) -> None:
         dims = {i["name"]: [int(d) for d in i["dims"]] for i in config.get("input", [])}
+        outs = {o["name"]: [int(d) for d in o["dims"]] for o in config.get("output", [])}
+        if self.segmentation:
+            if dims.get("image") != [3, -1, -1] or outs != {"mask_png": [1]}:
+                raise ValueError(f"config.pbtxt declares inputs {dims} and outputs {outs}, but a segmentation model "
+                                 f"takes image [3, -1, -1] and answers mask_png [1]: rewrite the repository with "
+                                 f"python -m fastmvit.serving.triton")
+            return
         if dims.get("image") != list(self.classifier.image_shape):
             raise ValueError(f"config.pbtxt declares image dims {dims.get('image')} but the model takes "
                              f"{list(self.classifier.image_shape)}: rewrite the repository with "
                              f"python -m fastmvit.serving.triton")
-        outs = {o["name"]: [int(d) for d in o["dims"]] for o in config.get("output", [])}
         if outs.get("logits") != [self.classifier.num_classes] or outs.get("topk_indices") != [self.top_k]:
             raise ValueError(f"config.pbtxt outputs {outs} do not match the model ({self.classifier.num_classes} "
                              f"classes, top-{self.top_k})")
@@ -157,6 +168,8 @@ class TritonPythonModel:
     def execute(self, requests) -> List:
         if self.unusable is not None:
             return [self._error(self.unusable, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
+        if self.segmentation:
+            return self._execute_masks(requests)
         responses: List[Optional[object]] = [None] * len(requests)
         pending = []
         for i, request in enumerate(requests):
@@ -193,15 +206,7 @@ class TritonPythonModel:
             torch.cuda.empty_cache()
 
     def _answer(self, responses, good, images: torch.Tensor):
-        rows = forward_with_retries(self._forward, images, release=self._release)
-        if self._batch_metric is not None:
-            self._batch_metric.observe(float(images.shape[0]))
-        for e in {id(r): r for r in rows if isinstance(r, BaseException)}.values():
-            _log(f"fastmvit: forward failed for {sum(r is e for r in rows)} of {len(rows)} images\n"
-                 f"{''.join(traceback.format_exception(type(e), e, e.__traceback__))}", error=True)
-            if is_device_fault(e) and self.unusable is None:
-                self.unusable = (f"fastmvit: model instance {self.name} hit a device error and cannot serve any "
-                                 f"more; restart the server")
+        rows = self._run(images)
         failed = torch.zeros(self.classifier.num_classes)  # placeholder rows of failed images, never sent
         logits = torch.stack([r if isinstance(r, torch.Tensor) else failed for r in rows])
         scores, indices = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
@@ -212,9 +217,7 @@ class TritonPythonModel:
             start += n
             error = next((r for r in rows[span] if isinstance(r, BaseException)), None)
             if error is not None:  # one of its images failed: the request fails, alone
-                refusal = refusal_for(error)
-                code = pb_utils.TritonError.UNAVAILABLE if refusal.retry else pb_utils.TritonError.INTERNAL
-                responses[i] = self._error(self.unusable if refusal.fatal else f"fastmvit: {refusal.message}", code)
+                responses[i] = self._failed(error)
                 continue
             responses[i] = pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor.from_dlpack("logits", to_dlpack(logits[span].contiguous())),
@@ -222,6 +225,84 @@ class TritonPythonModel:
                 pb_utils.Tensor.from_dlpack("topk_scores", to_dlpack(scores[span].contiguous())),
                 pb_utils.Tensor("topk_labels", labels[span]),
             ])
+        return responses
+
+    def _run(self, images: torch.Tensor) -> List:
+        """``forward_with_retries`` on ``images``, with its failures logged and a device fault noted."""
+        rows = forward_with_retries(self._forward, images, release=self._release)
+        if self._batch_metric is not None:
+            self._batch_metric.observe(float(images.shape[0]))
+        for e in {id(r): r for r in rows if isinstance(r, BaseException)}.values():
+            _log(f"fastmvit: forward failed for {sum(r is e for r in rows)} of {len(rows)} images\n"
+                 f"{''.join(traceback.format_exception(type(e), e, e.__traceback__))}", error=True)
+            if is_device_fault(e) and self.unusable is None:
+                self.unusable = (f"fastmvit: model instance {self.name} hit a device error and cannot serve any "
+                                 f"more; restart the server")
+        return rows
+
+    def _failed(self, error: BaseException):
+        refusal = refusal_for(error)
+        code = pb_utils.TritonError.UNAVAILABLE if refusal.retry else pb_utils.TritonError.INTERNAL
+        return self._error(self.unusable if refusal.fatal else f"fastmvit: {refusal.message}", code)
+
+    # --- segmentation ------------------------------------------------------------------------------
+    def _whole_images(self, item) -> List:
+        """A request's images as ``[(pixels [3, h, w], (H, W) of its mask)]``."""
+        if isinstance(item, torch.Tensor):
+            return [(x, (int(x.shape[-2]), int(x.shape[-1]))) for x in item]
+        images = []
+        for i, f in enumerate(item):
+            try:
+                pixels, size = f.result()
+            except RequestError as e:
+                raise RequestError(e.status, e.message if len(item) == 1 else f"image {i}: {e.message}") from None
+            images.append((torch.from_numpy(pixels), size))
+        return images
+
+    def _execute_masks(self, requests) -> List:
+        responses: List[Optional[object]] = [None] * len(requests)
+        masks = {}  # request -> its masks, in its order
+        groups = {}  # input shape -> [(request, position, pixels, size)]
+        pending = []
+        for i, request in enumerate(requests):  # every request's decoding starts before any is waited for
+            try:
+                pending.append((i, self._read(request)))
+            except RequestError as e:
+                responses[i] = self._refuse(e)
+        for i, item in pending:
+            try:
+                images = self._whole_images(item)
+            except RequestError as e:
+                responses[i] = self._refuse(e)
+                continue
+            masks[i] = [None] * len(images)
+            for j, (pixels, size) in enumerate(images):
+                groups.setdefault(tuple(pixels.shape), []).append((i, j, pixels, size))
+        try:
+            device = self.classifier.device
+            for members in groups.values():
+                rows = self._run(torch.stack([pixels.to(device) for _, _, pixels, _ in members]))
+                for (i, j, _, size), row in zip(members, rows):
+                    if responses[i] is not None:
+                        continue  # another of its images failed already
+                    if isinstance(row, BaseException):  # the request fails, alone
+                        responses[i] = self._failed(row)
+                        continue
+                    try:
+                        masks[i][j] = self.classifier.answer(row, size)[0]
+                    except Exception as e:  # noqa: BLE001 - e.g. out of memory resizing one huge mask
+                        _log(f"fastmvit: the mask of an image failed\n{traceback.format_exc()}", error=True)
+                        responses[i] = self._failed(e)
+        except Exception:  # noqa: BLE001 - answer each request rather than fail the whole batch opaquely
+            _log(f"fastmvit: answering the batch failed\n{traceback.format_exc()}", error=True)
+            for i in masks:
+                responses[i] = responses[i] or self._error("fastmvit: the forward pass failed; see the server log",
+                                                           pb_utils.TritonError.INTERNAL)
+        for i, pngs in masks.items():
+            if responses[i] is None:
+                out = np.empty((len(pngs), 1), dtype=np.object_)
+                out[:, 0] = pngs
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("mask_png", out)])
         return responses
 
     def _refuse(self, error: RequestError):

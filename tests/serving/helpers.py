@@ -11,13 +11,17 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 import fastmvit
 from fastmvit.serving.common import scaled_preprocess
 
-from ..utils import randomize_
+from ..utils import randomize_, varied_images
 
 MODEL = "xxs"
+SEGMENTATION_MODEL = "deeplabv3-xxs"
+SEGMENTATION_SIZE = 64  # the shorter side it sees: logits of 4 x 5 or so, masks of thousands of pixels
 INPUT_SIZE = 128     # served size: a quarter of 256's compute on 2 CPU cores
 MAX_BATCH = 8
 SECRET = b"SECRET-INPUT-7f3a"  # planted in bad inputs: no answer may echo it
@@ -37,6 +41,68 @@ def write_checkpoint(path) -> str:
         model.head.fc.bias.copy_(-(model.head.fc.weight @ mean))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return str(path)
+
+
+def write_segmentation_checkpoint(path) -> str:
+    """Random DeepLabV3-xxs weights with the classifier re-centred on the head's features, so neighbouring
+    pixels get different classes (a random head gives one class everywhere) and a wrong mask shows."""
+    from safetensors.torch import save_file
+
+    model = randomize_(fastmvit.load(SEGMENTATION_MODEL, pretrained=False))
+    with torch.no_grad():
+        feats = model.head.aspp(model.backbone.forward_stages(varied_images((6, 3, 64, 80)))[-1])
+        f = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        w = model.head.classifier.weight
+        spread = (f - f.mean(0)) @ w[:, :, 0, 0].t()
+        w.mul_(3 / spread.std())
+        model.head.classifier.bias.copy_(-(w[:, :, 0, 0] @ f.mean(0)))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def resized(data: bytes) -> torch.Tensor:
+    """The model's input, written out here: RGB, shorter side to SEGMENTATION_SIZE (PIL bilinear), BGR, / 255."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    s = SEGMENTATION_SIZE / min(w, h)
+    img = img.resize((round(w * s), round(h * s)), Image.BILINEAR)
+    arr = np.asarray(img)[..., ::-1].astype(np.float64) / 255
+    return torch.from_numpy(np.ascontiguousarray(arr.astype(np.float32).transpose(2, 0, 1)))
+
+
+def reference(model, pixels: torch.Tensor, size):
+    """(labels [H, W], top-two margin [H, W]) of the in-process torch model, resized as HF's
+    post_process_semantic_segmentation does (bilinear, align_corners=False), then argmax."""
+    with torch.inference_mode():
+        up = F.interpolate(model(pixels[None]), size=size, mode="bilinear", align_corners=False)[0]
+    top = up.topk(2, dim=0).values
+    return up.argmax(0).numpy(), (top[0] - top[1]).numpy()
+
+
+def assert_mask(png_bytes: bytes, ref) -> np.ndarray:
+    """The PNG holds the reference's labels at its size. Pixels may differ only where the reference's two
+    best classes are within float error of each other (the server may run another batch size)."""
+    labels, margin = ref
+    img = Image.open(io.BytesIO(png_bytes))
+    assert img.format == "PNG" and img.mode == "P"
+    got = np.array(img)
+    assert got.shape == labels.shape
+    differ = got != labels
+    assert not (differ & (margin > 1e-3)).any(), f"{differ.sum()} of {differ.size} pixels differ"
+    assert len(np.unique(labels)) > 3  # the check means something: several classes in the mask
+    return got
+
+
+def image_ref(model, data: bytes):
+    """``reference`` for an encoded image, at its own size."""
+    img = Image.open(io.BytesIO(data))
+    return reference(model, resized(data), (img.size[1], img.size[0]))
 
 
 def encode(arr: np.ndarray, fmt: str, **kw) -> bytes:

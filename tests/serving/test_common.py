@@ -196,3 +196,14 @@ def test_load_asks_for_the_fused_engine_and_cuda_graphs(monkeypatch, checkpoint)
     monkeypatch.setattr(common, "_load_fn", lambda: load)
     Classifier.load(MODEL, checkpoint, device="cpu")
     assert seen == {"backend": "auto", "cuda_graphs": True, "device": torch.device("cpu"), "dtype": torch.float32}
+
+
+@pytest.mark.parametrize("accept, png", [
+    (None, False), ("", False), ("*/*", False), ("application/json", False), ("text/html", False),
+    ("image/png", True), ("image/*", True), ("image/png, application/json", False),
+    ("image/png;q=0.5, application/json", False), ("application/json;q=0.1, image/png", True),
+    ("application/json;q=0, image/png;q=0.2", True), ("image/png;q=bad, */*;q=0.1", False),
+])
+def test_segmentation_answers_png_only_when_accept_prefers_it(accept, png):
+    litserve = pytest.importorskip("fastmvit.serving.litserve", reason="the serve extra (litserve) is not installed")
+    assert litserve.wants_png(accept) is png

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+import fastmvit
 from fastmvit.serving import common
 from fastmvit.serving.triton import write_model_repository
 
-from .helpers import INPUT_SIZE, MODEL, bad_images, preprocessed, reference_logits
+from ..utils import photo
+from .helpers import (INPUT_SIZE, MODEL, SEGMENTATION_MODEL, SEGMENTATION_SIZE, assert_mask, bad_images, image_ref, png,
+                      preprocessed, reference, reference_logits, write_segmentation_checkpoint)
 
 text_format = pytest.importorskip("google.protobuf.text_format")
 json_format = pytest.importorskip("google.protobuf.json_format")
@@ -175,3 +178,62 @@ def test_execute_answers_each_request_when_the_forward_fails(triton_model, tmp_p
     responses = m.execute(requests[:3])
     assert [r.error.code for r in responses] == ["UNAVAILABLE"] * 3 and forwards == []
     assert all("cannot serve any more" in r.error.message for r in responses)
+
+
+def test_segmentation_groups_equal_shapes_across_requests_and_answers_each_its_masks(triton_model, tmp_path):
+    """Five good images in four requests, three input shapes: three forwards; every request gets its masks in
+    its own order, each at its image's size, and a bad image fails its request alone."""
+    checkpoint = write_segmentation_checkpoint(tmp_path / "seg.safetensors")
+    model_dir = write_model_repository(tmp_path / "repo", SEGMENTATION_MODEL, checkpoint, kind="cpu",
+                                       max_batch_size=8, input_size=SEGMENTATION_SIZE)
+    m = triton_model.TritonPythonModel()
+    m.initialize(triton_args(model_dir))
+    forwards = []
+    inner = m.classifier.forward
+    m.classifier.forward = lambda x: forwards.append(tuple(x.shape)) or inner(x)
+    pics = {"a": png(photo(97, 131, 1)), "t": png(photo(131, 97, 2)), "big": png(photo(194, 262, 3)),
+            "b": png(photo(97, 131, 4))}
+    tensor = torch.rand(1, 3, 67, 81, generator=torch.Generator().manual_seed(5))
+
+    def encoded(*items):
+        return {"image_bytes": FakeTensor("image_bytes", np.array([[x] for x in items], np.object_))}
+
+    requests = [encoded(pics["a"], pics["t"]), encoded(bad_images(10**6)["one_pixel"][0]), encoded(pics["big"]),
+                {"image": FakeTensor("image", tensor.numpy())}, encoded(pics["b"], bad_images(10**6)["bomb"][0]),
+                encoded(pics["b"])]
+    responses = m.execute(requests)
+    # 97x131, 194x262 and the other 97x131 all resize to 64 x 86: one forward of three
+    assert sorted(forwards) == [(1, 3, 64, 86), (1, 3, 67, 81), (3, 3, 86, 64)]
+    model = fastmvit.load(SEGMENTATION_MODEL, checkpoint)
+    for i, names in [(0, ["a", "t"]), (2, ["big"]), (5, ["b"])]:
+        assert responses[i].error is None
+        masks = responses[i].outputs["mask_png"]
+        assert masks.shape == (len(names), 1) and masks.dtype == np.object_
+        for name, mask in zip(names, masks[:, 0]):
+            assert_mask(mask, image_ref(model, pics[name]))
+    assert_mask(responses[3].outputs["mask_png"][0, 0], reference(model, tensor[0], (67, 81)))
+    for i, mentions in [(1, "too small"), (4, "image 1: image data: image of")]:
+        assert responses[i].error.code == "INVALID_ARG" and mentions in responses[i].error.message, \
+            responses[i].error.message
+        assert not responses[i].outputs
+
+
+def test_segmentation_out_of_memory_splits_the_shape_group(triton_model, tmp_path, monkeypatch):
+    """Out of memory above 2 images (injected): a forward of three same-shape images is split and retried,
+    and each request still gets its own mask."""
+    monkeypatch.setenv("FASTMVIT_SERVING_FAULTS", "oom_above=2")
+    checkpoint = write_segmentation_checkpoint(tmp_path / "seg.safetensors")
+    model_dir = write_model_repository(tmp_path / "repo", SEGMENTATION_MODEL, checkpoint, kind="cpu",
+                                       max_batch_size=8, input_size=SEGMENTATION_SIZE)
+    m = triton_model.TritonPythonModel()
+    m.initialize(triton_args(model_dir))
+    forwards = []
+    inner = m.classifier.forward
+    m.classifier.forward = lambda x: forwards.append(x.shape[0]) or inner(x)
+    pics = [png(photo(97, 131, seed)) for seed in (1, 2, 3)]
+    responses = m.execute([{"image_bytes": FakeTensor("image_bytes", np.array([[p]], np.object_))} for p in pics])
+    assert forwards == [2, 1]  # 3 -> 2 + 1: the injected OOM fires before the real forward
+    model = fastmvit.load(SEGMENTATION_MODEL, checkpoint)
+    for resp, p in zip(responses, pics):
+        assert resp.error is None
+        assert_mask(resp.outputs["mask_png"][0, 0], image_ref(model, p))

@@ -99,3 +99,25 @@ def test_serve_help_lists_the_options(capsys):
     assert info.value.code == 0
     for option in ("--model", "--weights", "--max-batch-size", "--batch-timeout-ms", "--max-body-bytes", "--port"):
         assert option in out
+
+
+def test_segmentation_repository_from_the_command_line(tmp_path, capsys):
+    """`serve triton --model deeplabv3-xxs --random`: images of any size in, one mask PNG per image out,
+    the PASCAL VOC class names in labels.txt."""
+    assert cli.main(["triton", str(tmp_path / "repo"), "--model", "deeplabv3-xxs", "--random", "--device", "cpu",
+                     "--max-batch-size", "4", "--input-size", "96"]) == 0
+    c = parse(tmp_path / "repo" / "fastmvit" / "config.pbtxt")
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in c.input] == [
+        ("image", model_config_pb2.TYPE_FP32, [3, -1, -1], True),
+        ("image_bytes", model_config_pb2.TYPE_STRING, [1], True)]
+    assert [(o.name, o.data_type, list(o.dims), o.label_filename) for o in c.output] == [
+        ("mask_png", model_config_pb2.TYPE_STRING, [1], "labels.txt")]
+    p = params(c)
+    assert (p["fastmvit_model"], p["fastmvit_task"], p["fastmvit_pretrained"]) == ("deeplabv3-xxs", "segmentation",
+                                                                                   "false")
+    assert p["fastmvit_input_size"] == "96"
+    from fastmvit.masks import VOC_CLASSES
+
+    assert (tmp_path / "repo" / "fastmvit" / "labels.txt").read_text().splitlines() == list(VOC_CLASSES)
+    with pytest.raises(ValueError, match="task"):
+        config_pbtxt(name="m", image_size=64, num_classes=10, top_k=2, kind="cpu", task="detection")
