@@ -75,9 +75,10 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # once (pytest's --dist loadgroup); every other test is handed to whichever worker is free.
 SHARED_SERVER_MODULES = ("test_litserve_server.py", "test_triton_server.py", "test_litserve_faults.py",
                          "test_triton_faults.py", "test_segmentation_servers.py")
-# The modules whose tests take longest (whole models under the interpreter, compiling the CUDA binding):
-# handed out first, so that the short tests fill in around them instead of one worker finishing alone.
-LONG_MODULES = ("test_engine.py", "test_csrc.py")
+# The modules whose tests take longest (whole models under the interpreter, compiling the CUDA binding,
+# compiling kernels for sm_90): handed out first, so that the short tests fill in around them instead of
+# one worker finishing alone.
+LONG_MODULES = ("test_engine.py", "test_kernel_compile.py", "test_csrc.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -97,6 +98,40 @@ TORCHVISION = _install_torchvision()
 
 def pytest_report_header(config):
     return f"timm tests: {TORCHVISION}"
+
+
+# Triton's interpreter can check every 32-bit integer add, sub and mul of a kernel for overflow (each one
+# redone in 64 bits and compared). By default it does the arithmetic and drops the verdict: the check is
+# InterpreterOptions.sanitize_overflow (on), its assertion fires only with InterpreterOptions.debug (off).
+# The kernel tests (tests/kernels/: index arithmetic at awkward and large shapes) turn both on, so an
+# overflowing offset fails there; the other tests run whole models at small sizes through the same kernels,
+# where the check cannot fire and cost about a fifth of their time: both off.
+KERNEL_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+
+
+def _set_overflow_checks(on: bool):
+    """Turn the interpreter's integer-overflow assertions on or off; returns the previous options (None
+    where the kernels are not interpreted: nothing to change)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    was = builder.options
+    builder.options = dataclasses.replace(was, sanitize_overflow=on, debug=on)
+    return was
+
+
+@pytest.fixture(autouse=True)
+def _overflow_checks(request):
+    was = _set_overflow_checks(str(request.node.path).startswith(KERNEL_TESTS + os.sep))
+    yield
+    if was is not None:
+        from triton.runtime import interpreter
+
+        interpreter.interpreter_builder.options = was
 
 
 @pytest.fixture(autouse=True)
