@@ -174,7 +174,10 @@ def test_good_and_bad_requests_together_are_batched_and_none_lost(server, images
     assert batches['le="+Inf"'] < goods
 
 
-def test_metrics_for_prometheus(server):
+def test_metrics_for_prometheus(server, images):
+    # one good and one refused request of this test's own, whichever tests ran before it in this worker
+    assert post(server[0], "/predict", images["grey.png"], "image/png")[0] == 200
+    assert post(server[0], "/predict", bad_images(MAX_BODY)["not_an_image"][0], "image/jpeg")[0] == 415
     status, text = get(server[0], "/metrics")
     assert status == 200
     for name in ("fastmvit_requests_total", "fastmvit_request_seconds_bucket", "fastmvit_decode_seconds_count",
