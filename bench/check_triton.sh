@@ -3,9 +3,9 @@
 #
 #   bench/check_triton.sh VERSION [check options]     e.g. bench/check_triton.sh 3.6.0 --arch 80 --family gemm
 #
-# The side environment is a venv OUTSIDE the repository (default /work/side/triton-VERSION; set
+# The side environment is a venv OUTSIDE the repository (default ~/.cache/fastmvit/triton-VERSION; set
 # FASTMVIT_SIDE_ENV to move it) holding that triton only (pip install --no-deps: never another torch).
-# A .pth file adds the project venv's site-packages (FASTMVIT_VENV, default /work/main/.venv) AFTER the
+# A .pth file adds the project venv's site-packages (FASTMVIT_VENV, default this checkout's .venv) AFTER the
 # venv's own, so the side triton wins and torch and the rest are borrowed. Made once, reused after.
 # The check itself runs on this checkout's sources (PYTHONPATH), with the interpreter off.
 set -euo pipefail
@@ -16,8 +16,8 @@ fi
 version=$1
 shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
-project_venv=${FASTMVIT_VENV:-/work/main/.venv}
-side=${FASTMVIT_SIDE_ENV:-/work/side/triton-$version}
+project_venv=${FASTMVIT_VENV:-$repo/.venv}
+side=${FASTMVIT_SIDE_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/fastmvit/triton-$version}
 side=$(realpath -m "$side")
 case "$side/" in
     "$repo"/*) echo "$0: the side environment must live outside the repository, not in $side" >&2; exit 2 ;;
