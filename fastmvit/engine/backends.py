@@ -19,7 +19,7 @@ def cpu_engine_status() -> str:
     from ..cpu import auto_runtimes
 
     runtimes = auto_runtimes(torch.float32)
-    runs = (f"the CPU engine on {' or '.join(runtimes)} (measured per model)" if runtimes else
+    runs = (f"the CPU engine on {' or '.join(runtimes)}, the faster measured per model" if runtimes else
             "the plain PyTorch modules")
     return f"float32: {runs} (see 'CPU engine' above; backend='triton' forces the kernels, interpreted)"
 
