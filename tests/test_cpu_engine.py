@@ -334,7 +334,7 @@ def test_auto_keeps_the_runtime_measured_faster_and_drops_the_other(monkeypatch,
     assert len(calls) == 1
     key = (64, 64, torch.float32, torch.get_num_threads())
     assert model.cpu_engine_runtimes == {key: faster}
-    assert f"cpu_engine[64x64 float32 " in repr(model) and f"={faster!r}" in repr(model)
+    assert "cpu_engine[64x64 float32 " in repr(model) and f"={faster!r}" in repr(model)
     built = _built(model, cpu.AUTO)
     assert len(built) == 1
     assert type(next(iter(built.values()))).__module__.startswith(faster)  # the faster runtime's own object
@@ -367,6 +367,10 @@ def test_the_choice_is_recorded_on_disk_and_not_measured_again(monkeypatch, tmp_
         # Another size is another graph: measured, not answered by this record.
         with pytest.raises(AssertionError, match="timed"):
             again(images((1, 3, 64, 96)))
+        # A record made on another CPU model (a cache directory shared between machines) is measured again.
+        monkeypatch.setattr(cpu.pick, "cpu_name", lambda: "another CPU")
+        with pytest.raises(AssertionError, match="timed"):
+            fastmvit.load("xxs", weights=weights)(x)
 
 
 @two_runtimes

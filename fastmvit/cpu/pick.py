@@ -59,20 +59,34 @@ def _versions(candidates) -> Dict[str, str]:
     return {name: RUNTIMES[name].version() for name in candidates}
 
 
+def cpu_name() -> str:
+    """The CPU model, so that a cache directory shared between machines does not carry one CPU's choice to
+    another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
 def read_choice(path: Path, candidates) -> Optional[str]:
-    """The recorded runtime, if the record was measured among these candidates at these versions."""
+    """The recorded runtime, if the record was measured among these candidates, at these versions, on this
+    CPU model."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if (not isinstance(record, dict) or record.get("candidates") != list(candidates)
-            or record.get("versions") != _versions(candidates) or record.get("runtime") not in candidates):
+            or record.get("versions") != _versions(candidates) or record.get("cpu") != cpu_name()
+            or record.get("runtime") not in candidates):
         return None
     return record["runtime"]
 
 
 def write_choice(path: Path, candidates, runtime: str, median_ms: Dict[str, float]) -> None:
-    record = {"runtime": runtime, "candidates": list(candidates), "versions": _versions(candidates),
+    record = {"runtime": runtime, "candidates": list(candidates), "versions": _versions(candidates), "cpu": cpu_name(),
               "median_ms_batch1": {k: round(v, 3) for k, v in median_ms.items()},
               "probe": f"batch {PROBE_BATCH}, {WARMUP} warm-up + median of {RUNS} interleaved runs"}
     tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
