@@ -14,7 +14,9 @@ from fastmvit.variants import VARIANTS
 
 from .utils import hf_model, image_sensitive_, images, randomize_
 
-INSTALLED = [r for r in cpu.AUTO_ORDER[torch.float32] if not cpu.problem(r)]  # auto's float32 choice first
+INSTALLED = [r for r in cpu.AUTO_ORDER[torch.float32] if not cpu.problem(r)]  # auto's float32 candidates
+# What choose_engine("auto") answers for float32 CPU tensors: the one runtime, or "measure them" (cpu-auto).
+AUTO = cpu.AUTO if len(INSTALLED) > 1 else INSTALLED[0] if INSTALLED else None
 pytestmark = pytest.mark.skipif(not INSTALLED, reason="no CPU runtime installed (pip install 'fastmvit[cpu]')")
 
 # One input size per variant, cycling through sizes whose stage maps are odd (v1 resizes around the
@@ -93,7 +95,7 @@ def test_hf_checkpoint_matches_hf_on_the_cpu_engine(name, tmp_path):
     with torch.inference_mode():
         from fastmvit.engine import choose_engine
 
-        assert choose_engine(model.backend, x) == INSTALLED[0]
+        assert choose_engine(model.backend, x) == AUTO
         _close(model(x), hf(x).logits)
 
 
@@ -118,7 +120,7 @@ def test_new_weights_and_new_sizes_rebuild_and_the_cache_stays_bounded(monkeypat
         assert (after - before).abs().max() > 1e-2
         for size in ((64, 96), (96, 64), (64, 64)):
             model(images((1, 3, *size)))
-    engine = model._engines.cpu(INSTALLED[0])
+    engine = model._engines.cpu(AUTO)
     assert [s[:2] for s in engine.signatures()] == [(96, 64), (64, 64)]
 
 
@@ -184,7 +186,7 @@ def test_a_missing_runtime_is_said_clearly(monkeypatch):
     """Explicitly asked for: a clear error at load(). Under "auto": a warning, and the torch path runs."""
     monkeypatch.setattr(cpu.runtimes.importlib.util, "find_spec", lambda name, *a: None)
     cpu.runtimes.problem.cache_clear()
-    cpu.runtimes._auto_runtime.cache_clear()
+    cpu.runtimes._auto_runtimes.cache_clear()
     try:
         with pytest.raises(RuntimeError, match=r"onnxruntime is not installed: install it with .*fastmvit\[cpu\]"):
             fastmvit.load("xxs", pretrained=False, backend="onnxruntime")
@@ -199,7 +201,7 @@ def test_a_missing_runtime_is_said_clearly(monkeypatch):
             model(x)  # said once, not at every call
     finally:
         cpu.runtimes.problem.cache_clear()
-        cpu.runtimes._auto_runtime.cache_clear()
+        cpu.runtimes._auto_runtimes.cache_clear()
 
 
 def test_dtypes_without_a_cpu_runtime_run_the_torch_path():
@@ -219,7 +221,7 @@ def test_env_switch_chooses_the_torch_path(monkeypatch):
     from fastmvit.engine import TORCH, choose_engine
 
     x = images((1, 3, 64, 64))
-    assert choose_engine("auto", x) == INSTALLED[0]
+    assert choose_engine("auto", x) == AUTO
     monkeypatch.setenv(cpu.runtimes.ENV, "torch")
     assert choose_engine("auto", x) == TORCH
     monkeypatch.setenv(cpu.runtimes.ENV, "tensorrt")
@@ -275,13 +277,13 @@ def test_openvino_takes_torchs_thread_count(restore_threads):
 
 
 def test_auto_runs_the_measured_runtime_per_dtype(monkeypatch):
-    """float32: ONNX Runtime before OpenVINO; bfloat16: OpenVINO only, where the CPU has bf16; float16 and
-    float64: the torch path. FASTMVIT_CPU_ENGINE puts another runtime first."""
+    """float32: ONNX Runtime and OpenVINO, measured (CPU_AUTO) when both are installed; bfloat16: OpenVINO
+    only, where the CPU has bf16; float16 and float64: the torch path. FASTMVIT_CPU_ENGINE forces one."""
     from fastmvit.engine import TORCH, choose_engine
 
     assert cpu.AUTO_ORDER[torch.float32] == ("onnxruntime", "openvino")
     assert cpu.AUTO_ORDER[torch.bfloat16] == ("openvino",)
-    assert choose_engine("auto", images((1, 3, 64, 64))) == INSTALLED[0]
+    assert choose_engine("auto", images((1, 3, 64, 64))) == AUTO
     for dtype in (torch.float16, torch.float64):
         assert choose_engine("auto", images((1, 3, 64, 64)).to(dtype)) == TORCH
     if len(INSTALLED) > 1:
@@ -289,12 +291,148 @@ def test_auto_runs_the_measured_runtime_per_dtype(monkeypatch):
         assert choose_engine("auto", images((1, 3, 64, 64))) == INSTALLED[1]
 
 
+# --------------------------------------------------------------------------------------------------
+# backend="auto" with several runtimes: the faster measured once per signature, the choice kept on disk
+# --------------------------------------------------------------------------------------------------
+
+two_runtimes = pytest.mark.skipif(len(INSTALLED) < 2, reason="needs ONNX Runtime and OpenVINO")
+
+
+def _fake_timing(monkeypatch, median_ms=None):
+    """Replace the measurement: answer ``median_ms`` (after checking that every candidate really computes),
+    or fail the test when anything is timed (median_ms None). Returns the calls: [{runtime: weakref}]."""
+    import weakref
+
+    calls = []
+
+    def time_runtimes(compiled, x):
+        if median_ms is None:
+            raise AssertionError(f"timed {sorted(compiled)} although nothing should be measured")
+        assert sorted(compiled) == sorted(median_ms) and x.shape[0] == cpu.pick.PROBE_BATCH
+        for run in compiled.values():
+            assert run(x).shape == (x.shape[0], 1000)
+        calls.append({name: weakref.ref(run) for name, run in compiled.items()})
+        return dict(median_ms)
+
+    monkeypatch.setattr(cpu.pick, "time_runtimes", time_runtimes)
+    return calls
+
+
+@two_runtimes
+@pytest.mark.parametrize("faster", ["onnxruntime", "openvino"])
+def test_auto_keeps_the_runtime_measured_faster_and_drops_the_other(monkeypatch, faster):
+    import gc
+
+    slower = next(r for r in INSTALLED if r != faster)
+    calls = _fake_timing(monkeypatch, {faster: 1.0, slower: 2.0})
+    model = randomize_(fastmvit.load("xxs", pretrained=False), seed=17)
+    ref = fastmvit.load("xxs", weights=model.state_dict(), backend="torch")
+    with torch.inference_mode():
+        for batch in (1, 3):  # one measurement per signature, whatever the batch
+            x = images((batch, 3, 64, 64), seed=batch)
+            _close(model(x), ref(x))
+    assert len(calls) == 1
+    key = (64, 64, torch.float32, torch.get_num_threads())
+    assert model.cpu_engine_runtimes == {key: faster}
+    assert "cpu_engine[64x64 float32 " in repr(model) and f"={faster!r}" in repr(model)
+    built = _built(model, cpu.AUTO)
+    assert len(built) == 1
+    assert type(next(iter(built.values()))).__module__.startswith(faster)  # the faster runtime's own object
+    gc.collect()
+    assert calls[0][slower]() is None and calls[0][faster]() is not None  # the slower graph was dropped
+
+
+@two_runtimes
+def test_the_choice_is_recorded_on_disk_and_not_measured_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTMVIT_CACHE", str(tmp_path))
+    weights = randomize_(fastmvit.load("xxs", pretrained=False), seed=18).state_dict()
+    x = images((2, 3, 64, 64))
+    # The runtime listed second wins, so a build that skipped the record and took the first would show.
+    calls = _fake_timing(monkeypatch, {INSTALLED[1]: 1.0, INSTALLED[0]: 2.0})
+    model = fastmvit.load("xxs", weights=weights)
+    with torch.inference_mode():
+        expected = model(x)
+    assert len(calls) == 1
+    records = list((tmp_path / "cpu").glob("*.pick.json"))
+    assert len(records) == 1 and f'"runtime": "{INSTALLED[1]}"' in records[0].read_text()
+
+    _fake_timing(monkeypatch, None)  # from here on, timing fails the test
+    key = (64, 64, torch.float32, torch.get_num_threads())
+    model.invalidate_engine()  # the in-memory engines gone: built again from the disk record
+    again = fastmvit.load("xxs", weights=weights)  # as a new process would
+    with torch.inference_mode():
+        for m in (model, again):
+            torch.testing.assert_close(m(x), expected, rtol=0, atol=0)
+            assert m.cpu_engine_runtimes == {key: INSTALLED[1]}
+        # Another size is another graph: measured, not answered by this record.
+        with pytest.raises(AssertionError, match="timed"):
+            again(images((1, 3, 64, 96)))
+        # A record made on another CPU model (a cache directory shared between machines) is measured again.
+        monkeypatch.setattr(cpu.pick, "cpu_name", lambda: "another CPU")
+        with pytest.raises(AssertionError, match="timed"):
+            fastmvit.load("xxs", weights=weights)(x)
+
+
+@two_runtimes
+def test_forced_runtimes_are_never_measured(monkeypatch):
+    _fake_timing(monkeypatch, None)
+    weights = randomize_(fastmvit.load("xxs", pretrained=False), seed=19).state_dict()
+    x = images((1, 3, 64, 64))
+    key = (64, 64, torch.float32, torch.get_num_threads())
+    with torch.inference_mode():
+        for runtime in INSTALLED:
+            model = fastmvit.load("xxs", weights=weights, backend=runtime)
+            model(x)
+            assert model.cpu_engine_runtimes == {key: runtime}
+            monkeypatch.setenv(cpu.runtimes.ENV, runtime)
+            model = fastmvit.load("xxs", weights=weights)  # "auto", forced by the environment
+            model(x)
+            assert model.cpu_engine_runtimes == {key: runtime}
+            monkeypatch.delenv(cpu.runtimes.ENV)
+
+
+def test_one_runtime_installed_is_not_measured(monkeypatch):
+    from fastmvit.engine import choose_engine
+
+    find_spec = cpu.runtimes.importlib.util.find_spec
+    monkeypatch.setattr(cpu.runtimes.importlib.util, "find_spec",
+                        lambda name, *a: None if name in INSTALLED[1:] else find_spec(name, *a))
+    cpu.runtimes.problem.cache_clear()
+    cpu.runtimes._auto_runtimes.cache_clear()
+    try:
+        _fake_timing(monkeypatch, None)
+        model = randomize_(fastmvit.load("xxs", pretrained=False), seed=20)
+        x = images((1, 3, 64, 64))
+        assert choose_engine("auto", x) == INSTALLED[0]
+        with torch.inference_mode():
+            model(x)
+        assert model.cpu_engine_runtimes == {(64, 64, torch.float32, torch.get_num_threads()): INSTALLED[0]}
+    finally:
+        cpu.runtimes.problem.cache_clear()
+        cpu.runtimes._auto_runtimes.cache_clear()
+
+
+def test_the_measurement_times_every_candidate_interleaved():
+    """The real timing function: WARMUP + RUNS runs of each candidate, alternating, a median per runtime."""
+    order = []
+
+    def runner(name):
+        return lambda x: order.append(name)
+
+    ms = cpu.pick.time_runtimes({"a": runner("a"), "b": runner("b")}, cpu.pick.probe(32, 32))
+    assert sorted(ms) == ["a", "b"] and all(v >= 0 for v in ms.values())
+    w = 2 * cpu.pick.WARMUP
+    assert order[:w] == ["a", "b"] * cpu.pick.WARMUP
+    assert order[w:w + 4] == ["a", "b", "b", "a"] and len(order) == 2 * (cpu.pick.WARMUP + cpu.pick.RUNS)
+
+
 def test_info_says_what_auto_runs_per_dtype_and_whether_the_cpu_has_bf16():
     from fastmvit.info import collect_info, format_info
 
     info = collect_info()
     summary = info["CPU engine (backend='auto' on CPU tensors)"]
-    assert summary["float32"] == f"CPU engine on {INSTALLED[0]}"
+    assert summary["float32"].startswith(f"CPU engine on {' or '.join(INSTALLED)}")
+    assert ("faster measured" in summary["float32"]) == (len(INSTALLED) > 1)
     assert summary["float64"] == "torch path"
     bf16 = "openvino" in INSTALLED and torch.bfloat16 in cpu.RUNTIMES["openvino"].supported_dtypes()
     assert summary["bfloat16"] == ("CPU engine on openvino" if bf16 else "torch path")

@@ -277,7 +277,7 @@ class Engine:
         if self.compile_mode is not None:
             how.insert(0, f"torch.compile mode={self.compile_mode}")
         if self.source == "fastmvit":
-            from ..engine import FUSED, TORCH, choose_engine
+            from ..engine import CPU_AUTO, FUSED, TORCH, choose_engine
 
             if self.backend in PEERS and device.type != "cpu":
                 return "CPU engine", f"CPU engine on {self.backend} (CPU tensors only)"
@@ -288,6 +288,12 @@ class Engine:
                 else:
                     how.append("Triton interpreter: for tests, not speed")
                 return "fused engine", "fused engine: Triton kernels" + "".join(f", {w}" for w in how)
+            if which == CPU_AUTO:
+                from ..cpu import RUNTIMES, auto_runtimes
+
+                runs = " or ".join(f"{PEERS[r]} {RUNTIMES[r].version()}" for r in auto_runtimes(DTYPES[dtype]))
+                return "CPU engine", (f"CPU engine: fastmvit's graph exported to ONNX, run by {runs}, the faster "
+                                      f"measured at the first build")
             if which != TORCH:
                 from ..cpu import RUNTIMES
 

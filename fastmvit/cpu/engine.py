@@ -7,8 +7,11 @@ from typing import Optional
 
 import torch
 
+from . import pick
 from .export import exported_onnx, weights_fingerprint
-from .runtimes import RUNTIMES, Compiled, problem
+from .runtimes import RUNTIMES, Compiled, auto_runtimes, problem
+
+from ..engine.dispatch import CPU_AUTO as AUTO  # the runtime argument that measures the candidates (pick)
 
 # Built graphs kept per model and runtime, each with its own copy of the weights: a server that sees many
 # image sizes keeps the most recently used ones.
@@ -17,22 +20,27 @@ MAX_SIGNATURES = 8
 
 class CpuEngine:
     """``engine.run(model, x)``: CPU images [B, 3, H, W] (already checked by ``model.check_input``) ->
-    logits [B, num_classes] in x's dtype, computed by ``runtime`` on the graph exported from ``model``.
+    logits [B, num_classes] in x's dtype, computed by ``runtime`` on the graph exported from ``model``;
+    ``runtime=AUTO``: by the faster of ``auto_runtimes(dtype)``, measured at each signature's first build
+    unless a record of an earlier measurement is on disk.
 
     Built per signature (height, width, dtype, numerics, threads; one build serves every batch size), at most
     MAX_SIGNATURES kept; the graph is exported once per (weights, numerics, height, width) and kept on disk."""
 
     def __init__(self, runtime: str):
-        why = problem(runtime)
-        if why:
-            raise RuntimeError(f"backend={runtime!r}: {why}")
-        self.runtime = RUNTIMES[runtime]
+        if runtime == AUTO:
+            self.runtime = None  # per signature: auto_runtimes(dtype), of which dispatch saw several
+        else:
+            why = problem(runtime)
+            if why:
+                raise RuntimeError(f"backend={runtime!r}: {why}")
+            self.runtime = RUNTIMES[runtime]
         self._built: "OrderedDict[tuple, Compiled]" = OrderedDict()
         self._fingerprint: Optional[str] = None  # of the weights this engine was created with
         self._lock = threading.Lock()
 
     def run(self, model, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in self.runtime.supported_dtypes():
+        if self.runtime is not None and x.dtype not in self.runtime.supported_dtypes():
             raise RuntimeError(
                 f"backend={self.runtime.name!r} cannot compute in {x.dtype} on this CPU (it supports "
                 f"{', '.join(map(str, self.runtime.supported_dtypes()))}); use model.float(), or backend='torch' "
@@ -57,11 +65,37 @@ class CpuEngine:
                 if self._fingerprint is None:
                     self._fingerprint = weights_fingerprint(model)
                 path = exported_onnx(model, self._fingerprint, key[:2])
-                compiled = self.runtime.compile(path, key[2], key[4])
+                candidates = (self.runtime.name,) if self.runtime is not None else auto_runtimes(key[2])
+                compiled = self._compile(path, candidates, key)
                 self._built[key] = compiled
                 while len(self._built) > MAX_SIGNATURES:
                     self._built.popitem(last=False)
         return compiled
+
+    @staticmethod
+    def _compile(path: str, candidates, key: tuple) -> Compiled:
+        """The graph built on the one candidate, the recorded choice, or the faster measured now (the
+        other dropped). ``compiled.runtime`` names the runtime kept."""
+        dtype, threads = key[2], key[4]
+        chosen = candidates[0] if len(candidates) == 1 else None
+        record = pick.record_path(path, dtype, threads)
+        if chosen is None:
+            chosen = pick.read_choice(record, candidates)
+        if chosen is None:
+            built = {name: RUNTIMES[name].compile(path, dtype, threads) for name in candidates}
+            median_ms = pick.time_runtimes(built, pick.probe(*key[:2]))
+            chosen = min(candidates, key=lambda name: median_ms[name])
+            pick.write_choice(record, candidates, chosen, median_ms)
+            compiled = built.pop(chosen)
+            built.clear()  # the slower runtime's graph and weights go now
+        else:
+            compiled = RUNTIMES[chosen].compile(path, dtype, threads)
+        compiled.runtime = chosen
+        return compiled
+
+    def runtimes(self) -> dict:
+        """{(height, width, dtype, threads): the runtime built} for the signatures built so far."""
+        return {(k[0], k[1], k[2], k[4]): c.runtime for k, c in list(self._built.items())}
 
     def signatures(self) -> list:
         """The signatures built so far, least recently used first (for tests and ``info``)."""

@@ -104,7 +104,8 @@ def exported_onnx(model, fingerprint: str, size: Tuple[int, int]) -> str:
 def _prune(directory: Path) -> None:
     files = sorted(directory.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in files[MAX_FILES_ON_DISK:]:
-        try:
-            old.unlink()
-        except OSError:
-            pass  # another process pruned it first
+        for path in [old, *directory.glob(f"{old.stem}.*.pick.json")]:  # with its runtime choices (pick)
+            try:
+                path.unlink()
+            except OSError:
+                pass  # another process pruned it first

@@ -122,12 +122,13 @@ class OpenVino(Runtime):
 
 
 RUNTIMES: Dict[str, Runtime] = {r.name: r for r in (OpenVino(), OnnxRuntime())}
-# What backend="auto" runs on CPU tensors of each dtype: the first of these that is installed and computes in
-# that dtype here. Measured on fastmvit's own graph, 256x256, interleaved (2-core Xeon with AMX, busy):
-# float32, process CPU ms per batch ONNX Runtime / OpenVINO, 1 thread: S b1 47/49, b8 427/408; v2-1.0 b1
-# 41/50, b8 375/435; 2 threads (an earlier run): S b1 53/62, v2-1.0 b1 63/68. bfloat16: OpenVINO alone
-# (ONNX Runtime's CPU provider has no bf16 convolutions). Other dtypes (float16, float64) run the torch
-# path. FASTMVIT_CPU_ENGINE puts one runtime first ("torch": no CPU engine).
+# The runtimes backend="auto" chooses from on CPU tensors of each dtype, those installed that compute in that
+# dtype here. With more than one, the engine measures them once per model, size and thread count and keeps
+# the faster (fastmvit.cpu.pick): the faster depends on the CPU and the model (2-core Xeon with AMX, float32
+# 256x256, ms per batch ONNX Runtime / OpenVINO: S b1 48.3/44.4, b32 1309/1147; v2-1.0 b1 37.6/40.1, b32
+# 1064/1150), and a fixed order tuned on one CPU loses on another. bfloat16: OpenVINO alone (ONNX Runtime's
+# CPU provider has no bf16 convolutions). Other dtypes (float16, float64) run the torch path.
+# FASTMVIT_CPU_ENGINE=<runtime> forces one runtime (nothing measured); "torch": no CPU engine.
 AUTO_ORDER: Dict[torch.dtype, Tuple[str, ...]] = {torch.float32: ("onnxruntime", "openvino"),
                                                   torch.bfloat16: ("openvino",)}
 ENV = "FASTMVIT_CPU_ENGINE"
@@ -139,14 +140,22 @@ def problem(name: str) -> str:
 
 
 def auto_runtime(dtype: torch.dtype) -> Optional[str]:
-    """The runtime backend="auto" uses for CPU tensors of ``dtype``, or None (the torch path runs)."""
-    return _auto_runtime(dtype, os.environ.get(ENV, "auto"))
+    """The first runtime backend="auto" would use for CPU tensors of ``dtype``, or None (the torch path runs)."""
+    runtimes = auto_runtimes(dtype)
+    return runtimes[0] if runtimes else None
+
+
+def auto_runtimes(dtype: torch.dtype) -> Tuple[str, ...]:
+    """The runtimes backend="auto" chooses from for CPU tensors of ``dtype``: () (the torch path runs), one,
+    or several, of which the CPU engine keeps the one it measures faster (``fastmvit.cpu.pick``).
+    FASTMVIT_CPU_ENGINE=<runtime> forces that runtime alone (nothing measured)."""
+    return _auto_runtimes(dtype, os.environ.get(ENV, "auto"))
 
 
 @functools.lru_cache(maxsize=None)  # so each warning below is given once per process
-def _auto_runtime(dtype: torch.dtype, choice: str) -> Optional[str]:
+def _auto_runtimes(dtype: torch.dtype, choice: str) -> Tuple[str, ...]:
     if choice == "torch":
-        return None
+        return ()
     if choice != "auto" and choice not in RUNTIMES:
         raise ValueError(f"{ENV}={choice!r}: use 'auto', 'torch' or one of {tuple(RUNTIMES)}")
     installed = [r for r in RUNTIMES if not problem(r)]
@@ -154,16 +163,16 @@ def _auto_runtime(dtype: torch.dtype, choice: str) -> Optional[str]:
         warnings.warn("fastmvit: no CPU runtime is installed (" + "; ".join(problem(r) for r in RUNTIMES)
                       + "): CPU tensors run the plain PyTorch modules, several times slower than the CPU "
                         f"engine (set {ENV}=torch to choose that and silence this)", RuntimeWarning, stacklevel=5)
-        return None
+        return ()
     if choice != "auto" and problem(choice):
         warnings.warn(f"{ENV}={choice}: {problem(choice)}; using the runtimes installed", RuntimeWarning,
                       stacklevel=5)
-    order = AUTO_ORDER.get(dtype, ())
-    if choice != "auto":
-        order = (choice,) + tuple(r for r in order if r != choice)
-    # None when no runtime computes in this dtype here (bfloat16 without bf16 instructions, float16,
+    # Empty when no runtime computes in this dtype here (bfloat16 without bf16 instructions, float16,
     # float64): the torch path then computes in that dtype, as asked.
-    return next((r for r in order if r in installed and dtype in RUNTIMES[r].supported_dtypes()), None)
+    usable = tuple(r for r in AUTO_ORDER.get(dtype, ()) if r in installed and dtype in RUNTIMES[r].supported_dtypes())
+    if choice != "auto" and choice in usable:
+        return (choice,)  # forced: no measuring
+    return usable
 
 
 def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[Tuple[str, ...]]:
@@ -177,6 +186,15 @@ def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[Tuple[str, ...]]:
     return tuple(sorted(f for f in set(flags) if f in ("avx512_bf16", "amx_bf16")))
 
 
+def describe(runtimes: Tuple[str, ...]) -> str:
+    if not runtimes:
+        return "torch path"
+    if len(runtimes) == 1:
+        return f"CPU engine on {runtimes[0]}"
+    return (f"CPU engine on {' or '.join(runtimes)}, the faster measured per model, size and thread count at "
+            f"its first build (recorded in $FASTMVIT_CACHE/cpu/; a model's choice: model.cpu_engine_runtimes)")
+
+
 def auto_summary() -> Dict[str, str]:
     """What backend="auto" runs on CPU tensors per dtype, for ``python -m fastmvit info``."""
     found = ", ".join(f"{r} {RUNTIMES[r].version()}" for r in RUNTIMES if not problem(r))
@@ -186,6 +204,5 @@ def auto_summary() -> Dict[str, str]:
            "bfloat16 on this CPU": ("unknown" if flags is None else
                                     f"yes ({', '.join(flags)})" if flags else "no (no AVX512-BF16 or AMX)")}
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        runtime = auto_runtime(dtype)
-        out[str(dtype).replace("torch.", "")] = (f"CPU engine on {runtime}" if runtime else "torch path")
+        out[str(dtype).replace("torch.", "")] = describe(auto_runtimes(dtype))
     return out

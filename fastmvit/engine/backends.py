@@ -16,10 +16,11 @@ def cpu_engine_status() -> str:
     """What backend="auto" runs on float32 CPU tensors (the per-dtype detail: ``info``'s CPU engine)."""
     import torch
 
-    from ..cpu import auto_runtime
+    from ..cpu import auto_runtimes
 
-    runtime = auto_runtime(torch.float32)
-    runs = f"the CPU engine on {runtime}" if runtime else "the plain PyTorch modules"
+    runtimes = auto_runtimes(torch.float32)
+    runs = (f"the CPU engine on {' or '.join(runtimes)}, the faster measured per model" if runtimes else
+            "the plain PyTorch modules")
     return f"float32: {runs} (see 'CPU engine' above; backend='triton' forces the kernels, interpreted)"
 
 

@@ -13,6 +13,7 @@ CPU_RUNTIMES = ("onnxruntime", "openvino")
 
 TORCH = "torch"    # the plain PyTorch modules
 FUSED = "fused"    # the Triton/CUDA engine (fastmvit.engine)
+CPU_AUTO = "cpu-auto"  # the CPU engine on the faster of several runtimes, measured (fastmvit.cpu.pick)
 # ...or the name of a CPU runtime (fastmvit.cpu)
 
 
@@ -30,7 +31,8 @@ def check_backend(value) -> None:
 
 
 def choose_engine(backend: str, x: torch.Tensor) -> str:
-    """TORCH, FUSED or a CPU runtime's name for a forward on ``x``."""
+    """TORCH, FUSED, a CPU runtime's name, or CPU_AUTO (several runtimes for x's dtype: the CPU engine
+    measures which is faster) for a forward on ``x``."""
     if backend == "torch":
         return TORCH
     if backend == "triton":
@@ -48,6 +50,7 @@ def choose_engine(backend: str, x: torch.Tensor) -> str:
         return FUSED
     if x.device.type != "cpu" or torch.compiler.is_compiling():  # torch.compile traces the reference modules
         return TORCH
-    from ..cpu import auto_runtime
+    from ..cpu import auto_runtimes
 
-    return auto_runtime(x.dtype) or TORCH
+    runtimes = auto_runtimes(x.dtype)
+    return TORCH if not runtimes else runtimes[0] if len(runtimes) == 1 else CPU_AUTO

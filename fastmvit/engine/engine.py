@@ -134,6 +134,13 @@ class EngineCache:
                 engine = self._cpu.setdefault(runtime, CpuEngine(runtime))
         return engine
 
+    def cpu_runtimes(self) -> dict:
+        """{(height, width, dtype, threads): runtime} of every CPU engine signature built."""
+        out = {}
+        for engine in list(self._cpu.values()):
+            out.update(engine.runtimes())
+        return out
+
     def clear(self) -> None:
         with self._lock:
             for runner in self._runners.values():

@@ -202,5 +202,13 @@ class MobileViT(nn.Module):
             return self._engines.engine(self, x)(x)
         return self._engines.runner(self, x)(x)
 
+    @property
+    def cpu_engine_runtimes(self) -> dict:
+        """{(height, width, dtype, threads): "onnxruntime" or "openvino"}: the runtime the CPU engine runs per
+        signature built so far (under backend="auto", the one measured faster here; see fastmvit.cpu.pick)."""
+        return self._engines.cpu_runtimes()
+
     def extra_repr(self) -> str:
-        return f"variant={self.variant.name!r}, num_classes={self.num_classes}, backend={self.backend!r}"
+        cpu = "".join(f", cpu_engine[{h}x{w} {str(dtype).replace('torch.', '')} {t} thread{'s' * (t > 1)}]={r!r}"
+                      for (h, w, dtype, t), r in self.cpu_engine_runtimes.items())
+        return f"variant={self.variant.name!r}, num_classes={self.num_classes}, backend={self.backend!r}{cpu}"
