@@ -66,7 +66,10 @@ def test_plans_follow_the_target_arch(monkeypatch):
 
 @pytest.mark.parametrize("module", [gemm, conv, mv2_block], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_sm80_configs_are_distinct_and_complete(module):
-    """As many specialisations below sm_90 as on it (a rule moves tiles, it never drops a use)."""
+    """As many unsplit specialisations below sm_90 as on it (a rule moves tiles, it never drops a use). The
+    split-K ones follow the split rule, which judges the grids against each arch's SMs (132 / 108), so
+    their count may differ."""
     c90, c80 = module.compile_configs(arch=90), module.compile_configs(arch=80)
     assert len({(c.name, c.num_warps) for c in c80}) == len(c80) > 0
-    assert len(c80) == len(c90)
+    unsplit = [[c for c in cs if "splitk" not in c.name] for cs in (c90, c80)]
+    assert len(unsplit[1]) == len(unsplit[0]) > 0
