@@ -78,3 +78,19 @@ def test_training_mode_drops_the_engine_and_is_refused_on_it():
             model(images((1, 3, 64, 64)))
     model.backend = "torch"
     model(images((2, 3, 64, 64)))                        # training-mode BatchNorm on the torch path
+
+
+@pytest.mark.parametrize("name", ["xxs", "deeplabv3-xxs"])
+def test_a_cast_round_trip_drops_the_engine(name):
+    """half() then float() ends on the dtype and device of the engine already built, with rounded weights:
+    the engine packed from the old weights must not be served (both models share fastmvit.model.EngineOwner)."""
+    model = fastmvit.load(name, pretrained=False, backend="triton", device=DEVICE)
+    x = images((1, 3, 64, 64)).to(DEVICE)
+    with torch.inference_mode():
+        model._engines.runner(model, x)             # built as a first forward builds it (packing only)
+    assert model._engines._runners
+    model.half().float()
+    assert not model._engines._runners
+    model._engines.runner(model, x)
+    model.load_state_dict(model.state_dict())
+    assert not model._engines._runners

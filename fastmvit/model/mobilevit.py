@@ -10,6 +10,7 @@ from ..engine import DEFAULT_MAX_BATCH, FUSED, TORCH, EngineCache, check_backend
 from ..errors import InputError, OptionError
 from ..variants import Variant, get_variant
 from .blocks import InvertedResidual, MobileViTBlock, MobileViTv2Block
+from .engine_owner import EngineOwner
 from .layers import ConvNormAct, Numerics
 
 __all__ = ["MobileViT", "MIN_INPUT_SIZE"]
@@ -19,7 +20,7 @@ __all__ = ["MobileViT", "MIN_INPUT_SIZE"]
 MIN_INPUT_SIZE = 32
 
 
-class MobileViT(nn.Module):
+class MobileViT(EngineOwner):
     """MobileViT v1 or v2 classifier; ``forward`` takes float NCHW images and returns ``[B, num_classes]``
     logits (or pooled features when ``num_classes == 0``).
 
@@ -71,50 +72,6 @@ class MobileViT(nn.Module):
     def backend(self, value: str) -> None:
         check_backend(value)
         self._backend = value
-
-    @property
-    def cuda_graph_max_batch(self):
-        """Largest batch replayed through a CUDA graph: None (the default) lets memory decide (see
-        ``fastmvit.engine.graphs``), 0 turns graphs off."""
-        return self._cuda_graph_max_batch
-
-    @cuda_graph_max_batch.setter
-    def cuda_graph_max_batch(self, value) -> None:
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise ValueError(f"cuda_graph_max_batch must be None (memory decides) or an int >= 0, got {value!r}")
-        self._cuda_graph_max_batch = value
-        if hasattr(self, "_engines"):
-            self._engines.clear()  # the graph runners were built with the old limit
-
-    @property
-    def cuda_graphs(self) -> bool:
-        return self.cuda_graph_max_batch != 0
-
-    @cuda_graphs.setter
-    def cuda_graphs(self, enabled: bool) -> None:
-        self.cuda_graph_max_batch = DEFAULT_MAX_BATCH if enabled else 0
-
-    def invalidate_engine(self) -> None:
-        """Drop packed weights and captured graphs. Needed only after editing parameters, buffers or
-        submodules in place, or changing FASTMVIT_DWCONV: moving, casting, load_state_dict, train()/eval(),
-        set_numerics and the graph settings do it themselves."""
-        self._engines.clear()
-
-    def train(self, mode: bool = True):
-        # Training (with backend="torch") updates BatchNorm statistics in place: the folded weights go stale.
-        # (eval() on a model already in eval mode keeps its engine.)
-        if hasattr(self, "_engines") and (self.training or mode):
-            self._engines.clear()
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        if hasattr(self, "_engines"):
-            self._engines.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-    def load_state_dict(self, *args, **kwargs):
-        self._engines.clear()
-        return super().load_state_dict(*args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------
     def set_numerics(self, numerics: Numerics) -> "MobileViT":

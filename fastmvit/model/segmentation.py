@@ -33,6 +33,7 @@ from ..engine.dispatch import CPU_RUNTIMES
 from ..errors import OptionError
 from ..variants import Variant, get_variant
 from .blocks import MobileViTv2Block
+from .engine_owner import EngineOwner
 from .layers import ConvNormAct, Numerics
 from .mobilevit import MobileViT
 
@@ -121,7 +122,7 @@ class DeepLabHead(nn.Module):
         return self.classifier(self.aspp(x))
 
 
-class DeepLabV3(nn.Module):
+class DeepLabV3(EngineOwner):
     """MobileViT (v1 or v2) + DeepLabV3. ``forward(images)`` takes float NCHW images in [0, 1] (channel order
     per ``pretrained_cfg["preprocess"]``) and returns logits ``[B, num_classes, h, w]`` at 1/output_stride of
     the input, as Hugging Face does; ``forward(images, upsample=True)`` resizes them to the input size.
@@ -190,41 +191,6 @@ class DeepLabV3(nn.Module):
                       dilation=dilation if numerics.v2_local_dilation == "stage" else 1)
         self._engines.clear()
         return self
-
-    # The engine cache follows the model as MobileViT's does (fastmvit.engine.engine.EngineCache).
-    @property
-    def cuda_graph_max_batch(self):
-        return self._cuda_graph_max_batch
-
-    @cuda_graph_max_batch.setter
-    def cuda_graph_max_batch(self, value) -> None:
-        self._cuda_graph_max_batch = value
-        self._engines.clear()
-
-    @property
-    def cuda_graphs(self) -> bool:
-        return self._cuda_graph_max_batch != 0
-
-    @cuda_graphs.setter
-    def cuda_graphs(self, enabled: bool) -> None:
-        self.cuda_graph_max_batch = DEFAULT_MAX_BATCH if enabled else 0
-
-    def invalidate_engine(self) -> None:
-        self._engines.clear()
-
-    def train(self, mode: bool = True):
-        if hasattr(self, "_engines") and (self.training or mode):
-            self._engines.clear()
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        if hasattr(self, "_engines"):
-            self._engines.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-    def load_state_dict(self, *args, **kwargs):
-        self._engines.clear()
-        return super().load_state_dict(*args, **kwargs)
 
     def check_input(self, x) -> None:
         self.backbone.check_input(x)
