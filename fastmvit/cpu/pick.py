@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .runtimes import RUNTIMES, Compiled
+from .runtimes import RUNTIMES, Compiled, cpu_name
 
 WARMUP = 2
 RUNS = 5
@@ -57,18 +57,6 @@ def record_path(onnx_path: str, dtype: torch.dtype, threads: int) -> Path:
 
 def _versions(candidates) -> Dict[str, str]:
     return {name: RUNTIMES[name].version() for name in candidates}
-
-
-def cpu_name() -> str:
-    """The CPU model, so that a cache directory shared between machines does not carry one CPU's choice to
-    another."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        import platform
-
-        return platform.processor() or platform.machine()
 
 
 def read_choice(path: Path, candidates) -> Optional[str]:

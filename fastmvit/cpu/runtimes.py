@@ -175,15 +175,31 @@ def _auto_runtimes(dtype: torch.dtype, choice: str) -> Tuple[str, ...]:
     return usable
 
 
-def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[Tuple[str, ...]]:
-    """The CPU's bfloat16 instruction sets (AVX512-BF16, AMX-BF16) from /proc/cpuinfo, or None where it
+def _cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The first ``name : value`` line's value in /proc/cpuinfo ("" where absent), None where the file
     cannot be read (not Linux)."""
     try:
         with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(name)), "")
     except OSError:
         return None
-    return tuple(sorted(f for f in set(flags) if f in ("avx512_bf16", "amx_bf16")))
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[Tuple[str, ...]]:
+    """The CPU's bfloat16 instruction sets (AVX512-BF16, AMX-BF16) from /proc/cpuinfo, or None where it
+    cannot be read (not Linux)."""
+    flags = _cpuinfo_field("flags", cpuinfo)
+    if flags is None:
+        return None
+    return tuple(sorted(f for f in set(flags.split()) if f in ("avx512_bf16", "amx_bf16")))
+
+
+def cpu_name() -> str:
+    """The CPU model (for reports, and so that a cache shared between machines does not carry one CPU's
+    measured runtime choice to another)."""
+    import platform
+
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def describe(runtimes: Tuple[str, ...]) -> str:
