@@ -387,10 +387,13 @@ class Classifier:
     @torch.inference_mode()
     def forward(self, images: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
         x = torch.as_tensor(images)
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise InputError(f"expected images [B, {', '.join(map(str, self.image_shape))}], got {list(x.shape)}")
+        self._check_batch(x)
         chunks = x.split(self.max_batch_size) if x.shape[0] > self.max_batch_size else [x]
         return torch.cat([self._forward_chunk(c) for c in chunks])
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise InputError(f"expected images [B, {', '.join(map(str, self.image_shape))}], got {list(x.shape)}")
 
     def _forward_chunk(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -456,13 +459,9 @@ class Segmenter(Classifier):
         self.align_corners = bool(model.pretrained_cfg.get("upsample_align_corners", False))
         self.label_dtype = torch.uint8 if self.num_classes <= 256 else torch.int32
 
-    @torch.inference_mode()
-    def forward(self, images: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
-        x = torch.as_tensor(images)
+    def _check_batch(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3:
             raise InputError(f"expected images [B, 3, H, W], got {list(x.shape)}")
-        chunks = x.split(self.max_batch_size) if x.shape[0] > self.max_batch_size else [x]
-        return torch.cat([self._forward_chunk(c) for c in chunks])
 
     def _keep(self, out: torch.Tensor) -> torch.Tensor:
         return out.to(torch.float32, copy=True)  # stays on the device: labels_of() resizes it there
