@@ -37,9 +37,10 @@ def _auto_runs_the_cpu_engine(monkeypatch):
     monkeypatch.delenv(cpu.runtimes.ENV, raising=False)  # tests/conftest.py turns it off for other tests
 
 
-# Every variant on the runtime "auto" picks; the other runtime on one v1 and one v2 variant (CI stays short).
+# Every variant on the first runtime "auto" measures; the other runtime on one v1 and one v2 variant (CI
+# stays short), v1 at 64x64, where OpenVINO's static builds need its snippets off (fastmvit.cpu.runtimes).
 CASES = [(n, size, INSTALLED[0]) for n, size in zip(VARIANTS, SIZES)] + [
-    (n, size, r) for r in INSTALLED[1:] for n, size in (("xs", SIZES[1]), ("v2-1.0", SIZES[5]))]
+    (n, size, r) for r in INSTALLED[1:] for n, size in (("xs", SIZES[0]), ("v2-1.0", SIZES[5]))]
 
 
 @pytest.mark.parametrize("name,size,runtime", CASES, ids=[f"{n}-{h}x{w}-{r}" for n, (h, w), r in CASES])
@@ -272,8 +273,31 @@ def test_openvino_takes_torchs_thread_count(restore_threads):
             model(x)
     compiled = _built(model, "openvino")
     assert [key[-1] for key in compiled] == [1, 2]
-    for (*_, threads), c in compiled.items():
-        assert int(c.get_property("INFERENCE_NUM_THREADS")) == threads
+    for (*_, threads), builds in compiled.items():
+        assert list(builds) == [1]  # batch 1's static build
+        assert int(builds[1].get_property("INFERENCE_NUM_THREADS")) == threads
+
+
+@pytest.mark.skipif("openvino" not in INSTALLED, reason="OpenVINO not installed")
+@pytest.mark.parametrize("refused", [False, True], ids=["static", "static-refused"])
+def test_openvino_builds_the_first_batch_sizes_static_and_the_rest_dynamic(monkeypatch, refused):
+    """The first MAX_STATIC_BATCHES batch sizes each get a static build, later ones share one dynamic-batch
+    build; an OpenVINO that refuses the static builds' setting (here: a made-up key) gets the dynamic one
+    alone. Every batch against the torch path, at xs 64x64, where static builds with OpenVINO's snippets
+    on are wrong (3.5e-4 of the largest logit)."""
+    monkeypatch.setattr(cpu.RUNTIMES["openvino"], "MAX_STATIC_BATCHES", 2)
+    if refused:
+        monkeypatch.setattr(cpu.RUNTIMES["openvino"], "STATIC_CONFIG", {"FASTMVIT_NO_SUCH_SETTING": "1"})
+    ref = image_sensitive_(fastmvit.load("xs", pretrained=False, backend="torch"), seed=17)
+    model = fastmvit.load("xs", weights=ref.state_dict(), backend="openvino")
+    with torch.inference_mode():
+        for batch in (3, 1, 4, 3, 2, 1):
+            x = images((batch, 3, 64, 64), seed=batch)
+            _close(model(x), ref(x))
+    (builds,) = _built(model, "openvino").values()
+    assert list(builds) == ([None] if refused else [3, 1, None])
+    if not refused:
+        assert builds[3].inputs[0].partial_shape.to_shape()[0] == 3 and builds[None].inputs[0].partial_shape[0].is_dynamic
 
 
 def test_auto_runs_the_measured_runtime_per_dtype(monkeypatch):
@@ -337,7 +361,10 @@ def test_auto_keeps_the_runtime_measured_faster_and_drops_the_other(monkeypatch,
     assert "cpu_engine[64x64 float32 " in repr(model) and f"={faster!r}" in repr(model)
     built = _built(model, cpu.AUTO)
     assert len(built) == 1
-    assert type(next(iter(built.values()))).__module__.startswith(faster)  # the faster runtime's own object
+    (kept,) = built.values()
+    if isinstance(kept, dict):  # OpenVINO: {batch size: compiled model}
+        kept = next(iter(kept.values()))
+    assert type(kept).__module__.startswith(faster)  # the faster runtime's own object
     gc.collect()
     assert calls[0][slower]() is None and calls[0][faster]() is not None  # the slower graph was dropped
 

@@ -24,7 +24,7 @@ class CpuEngine:
     ``runtime=AUTO``: by the faster of ``auto_runtimes(dtype)``, measured at each signature's first build
     unless a record of an earlier measurement is on disk.
 
-    Built per signature (height, width, dtype, numerics, threads; one build serves every batch size), at most
+    Built per signature (height, width, dtype, numerics, threads; one export serves every batch size), at most
     MAX_SIGNATURES kept; the graph is exported once per (weights, numerics, height, width) and kept on disk."""
 
     def __init__(self, runtime: str):
