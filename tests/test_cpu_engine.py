@@ -1,6 +1,7 @@
 """The CPU engine (fastmvit.cpu): the model exported to ONNX and run by ONNX Runtime or OpenVINO, against the
 plain PyTorch path on the same weights (every variant, odd sizes, batches 1 to 4, every numerics preset)
 and against Hugging Face's implementation; its cache, its errors, and what happens without a runtime."""
+import json
 import os
 import warnings
 
@@ -225,8 +226,11 @@ def test_env_switch_chooses_the_torch_path(monkeypatch):
     assert choose_engine("auto", x) == AUTO
     monkeypatch.setenv(cpu.runtimes.ENV, "torch")
     assert choose_engine("auto", x) == TORCH
+    for unset in ("", "  "):
+        monkeypatch.setenv(cpu.runtimes.ENV, unset)
+        assert choose_engine("auto", x) == AUTO
     monkeypatch.setenv(cpu.runtimes.ENV, "tensorrt")
-    with pytest.raises(ValueError, match="FASTMVIT_CPU_ENGINE='tensorrt'"):
+    with pytest.raises(fastmvit.errors.OptionError, match="FASTMVIT_CPU_ENGINE='tensorrt'.*'openvino'"):
         choose_engine("auto", x)
 
 
@@ -376,6 +380,7 @@ def test_the_choice_is_recorded_on_disk_and_not_measured_again(monkeypatch, tmp_
     x = images((2, 3, 64, 64))
     # The runtime listed second wins, so a build that skipped the record and took the first would show.
     calls = _fake_timing(monkeypatch, {INSTALLED[1]: 1.0, INSTALLED[0]: 2.0})
+    monkeypatch.setattr(cpu.pick, "machine_load", lambda: 0.1)  # quiet: the measurement settles the choice
     model = fastmvit.load("xxs", weights=weights)
     with torch.inference_mode():
         expected = model(x)
@@ -398,6 +403,49 @@ def test_the_choice_is_recorded_on_disk_and_not_measured_again(monkeypatch, tmp_
         monkeypatch.setattr(cpu.pick, "cpu_name", lambda: "another CPU")
         with pytest.raises(AssertionError, match="timed"):
             fastmvit.load("xxs", weights=weights)(x)
+
+
+@two_runtimes
+def test_a_busy_or_close_measurement_is_provisional_and_measured_again(monkeypatch, tmp_path):
+    """Busy (load injected) or a margin under MIN_MARGIN: the next process measures again, until a quiet,
+    clear measurement settles the choice or MAX_MEASUREMENTS were made; meanwhile the choice is the lowest
+    geometric mean of each runtime's median over the fastest (not simply the latest measurement)."""
+    monkeypatch.setenv("FASTMVIT_CACHE", str(tmp_path))
+    weights = randomize_(fastmvit.load("xxs", pretrained=False), seed=21).state_dict()
+    x = images((1, 3, 64, 64))
+    a, b = INSTALLED
+    key = (64, 64, torch.float32, torch.get_num_threads())
+    busy = max(1.0, cpu.pick.BUSY_LOAD_PER_CPU * cpu.pick._cpus())
+
+    def new_process(median_ms, load):
+        """A first build as a fresh process makes it (timing fails the test when median_ms is None)."""
+        calls = _fake_timing(monkeypatch, median_ms)
+        monkeypatch.setattr(cpu.pick, "machine_load", lambda: load)
+        model = fastmvit.load("xxs", weights=weights)
+        with torch.inference_mode():
+            model(x)
+        (record_file,) = (tmp_path / "cpu").glob("*.pick.json")
+        return model.cpu_engine_runtimes[key], json.loads(record_file.read_text()), len(calls)
+
+    # Busy, clear winner a: provisional. Then busy, b 5% faster: a still leads (geometric means 1.02 vs 1.41).
+    runtime, record, timed = new_process({a: 10.0, b: 20.0}, busy + 0.5)
+    assert (runtime, record["settled"], timed) == (a, False, 1)
+    runtime, record, timed = new_process({a: 10.5, b: 10.0}, busy + 0.5)
+    assert (runtime, record["settled"], timed) == (a, False, 1) and len(record["measurements"]) == 2
+    # Quiet, but b wins by under MIN_MARGIN: not decisive; the third measurement settles it anyway.
+    close = 1 + cpu.pick.MIN_MARGIN / 2
+    runtime, record, timed = new_process({a: 10.0 * close, b: 10.0}, 0.1)
+    assert record["settled"] and len(record["measurements"]) == cpu.pick.MAX_MEASUREMENTS == 3
+    assert runtime == record["runtime"] == a  # geometric means (1.0 * 1.05 * 1.025)^(1/3) vs 2^(1/3)
+    assert new_process(None, busy + 5)[0] == a  # settled: never timed again, however busy
+
+    # A quiet, clear measurement settles at once, with its own winner over earlier provisional ones.
+    for path in (tmp_path / "cpu").glob("*.pick.json"):
+        path.unlink()
+    assert new_process({a: 10.0, b: 30.0}, busy)[1]["settled"] is False  # at the limit is busy
+    runtime, record, _ = new_process({a: 10.0, b: 10.0 / (1 + 2 * cpu.pick.MIN_MARGIN)}, busy - 0.01)
+    assert (runtime, record["settled"]) == (b, True)
+    assert new_process(None, 0.1)[0] == b
 
 
 @two_runtimes

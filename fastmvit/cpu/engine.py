@@ -74,18 +74,19 @@ class CpuEngine:
 
     @staticmethod
     def _compile(path: str, candidates, key: tuple) -> Compiled:
-        """The graph built on the one candidate, the recorded choice, or the faster measured now (the
-        other dropped). ``compiled.runtime`` names the runtime kept."""
+        """The graph built on the one candidate, the settled recorded choice, or the faster measured now
+        (the other dropped; ``fastmvit.cpu.pick``). ``compiled.runtime`` names the runtime kept."""
         dtype, threads = key[2], key[4]
         chosen = candidates[0] if len(candidates) == 1 else None
-        record = pick.record_path(path, dtype, threads)
+        record_file = pick.record_path(path, dtype, threads)
+        record = None
         if chosen is None:
-            chosen = pick.read_choice(record, candidates)
+            record = pick.read_record(record_file, candidates)
+            chosen = pick.settled_choice(record)
         if chosen is None:
             built = {name: RUNTIMES[name].compile(path, dtype, threads) for name in candidates}
             median_ms = pick.time_runtimes(built, pick.probe(*key[:2]))
-            chosen = min(candidates, key=lambda name: median_ms[name])
-            pick.write_choice(record, candidates, chosen, median_ms)
+            chosen = pick.record_measurement(record_file, record, candidates, median_ms, pick.machine_load())
             compiled = built.pop(chosen)
             built.clear()  # the slower runtime's graph and weights go now
         else:

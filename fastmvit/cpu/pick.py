@@ -1,12 +1,21 @@
-"""backend="auto" on the CPU with more than one runtime for a dtype: which is faster depends on the CPU and the
-model (2-core Xeon with AMX, float32 256x256, ms per batch 1 ONNX Runtime / OpenVINO: S 48.3 / 44.4, v2-1.0
-37.6 / 40.1), so the engine measures, once per (graph, dtype, threads), and records the choice beside the
-exported graph in ``$FASTMVIT_CACHE/cpu/`` so that the next process builds the recorded runtime alone.
+"""backend="auto" on the CPU with more than one runtime for a dtype: which is faster depends on the CPU, the
+model and the runtimes' versions (2-core Xeon with AMX, float32 256x256, ms per batch 1 ONNX Runtime /
+OpenVINO: S 33.0 / 25.4, v2-1.0 32.0 / 28.6 by this probe at load 0.6; with OpenVINO's dynamic-batch build
+only, v2-1.0 was 37.6 / 40.1), so the engine measures, once per (graph, dtype, threads), and records the
+choice beside the exported graph in ``$FASTMVIT_CACHE/cpu/`` so that the next process builds it alone.
 
 The measurement is bounded: both runtimes are built from the same ONNX file, then WARMUP + RUNS batch-1
 runs of each, interleaved (each round alternates which runs first), the median of RUNS kept per runtime.
 Batch 1 because the build happens at the first call, whose batch may be large (S at batch 256: seconds per
-run): batch 1 bounds the cost at one extra build plus 2 x (WARMUP + RUNS) latency-sized runs."""
+run): batch 1 bounds the cost at one extra build plus 2 x (WARMUP + RUNS) latency-sized runs.
+
+A measurement settles the choice when the machine was quiet (1-minute load average below BUSY_LOAD_PER_CPU
+per CPU, at least 1) and the faster runtime won by at least MIN_MARGIN. Otherwise the record is provisional:
+this process uses it, and the next processes measure again at their first build (each one more build and a
+second), accumulating, until a measurement settles it or MAX_MEASUREMENTS were made. The choice of an
+unsettled record is the runtime with the lowest geometric mean, over the measurements, of its median over the
+fastest one's (a busy measurement, slower throughout, weighs no more than a quiet one). Measured: S at load
+2.8-4.5 picked ONNX Runtime by 1-3 ms, OpenVINO being 4 ms faster when quiet."""
 from __future__ import annotations
 
 import json
@@ -55,31 +64,72 @@ def record_path(onnx_path: str, dtype: torch.dtype, threads: int) -> Path:
     return path.with_name(f"{path.stem}.{str(dtype).replace('torch.', '')}.t{threads}.pick.json")
 
 
+# When a measurement settles the choice (module docstring).
+BUSY_LOAD_PER_CPU = 0.5
+MIN_MARGIN = 0.05
+MAX_MEASUREMENTS = 3
+
+
+def machine_load() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _versions(candidates) -> Dict[str, str]:
     return {name: RUNTIMES[name].version() for name in candidates}
 
 
-def read_choice(path: Path, candidates) -> Optional[str]:
-    """The recorded runtime, if the record was measured among these candidates, at these versions, on this
-    CPU model."""
+def read_record(path: Path, candidates) -> Optional[dict]:
+    """The record, if it was measured among these candidates, at these versions, on this CPU model."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if (not isinstance(record, dict) or record.get("candidates") != list(candidates)
             or record.get("versions") != _versions(candidates) or record.get("cpu") != cpu_name()
-            or record.get("runtime") not in candidates):
+            or record.get("runtime") not in candidates or not isinstance(record.get("measurements"), list)):
         return None
-    return record["runtime"]
+    return record
 
 
-def write_choice(path: Path, candidates, runtime: str, median_ms: Dict[str, float]) -> None:
-    record = {"runtime": runtime, "candidates": list(candidates), "versions": _versions(candidates), "cpu": cpu_name(),
-              "median_ms_batch1": {k: round(v, 3) for k, v in median_ms.items()},
-              "probe": f"batch {PROBE_BATCH}, {WARMUP} warm-up + median of {RUNS} interleaved runs"}
+def settled_choice(record: Optional[dict]) -> Optional[str]:
+    """The recorded runtime when no more measuring is due, else None (measure, then ``record_measurement``)."""
+    return record["runtime"] if record is not None and record.get("settled") is True else None
+
+
+def decisive(median_ms: Dict[str, float], load: Optional[float]) -> bool:
+    """Whether this measurement settles the choice: a quiet machine and a clear winner."""
+    quiet = load is not None and load < max(1.0, BUSY_LOAD_PER_CPU * _cpus())
+    first, second = sorted(median_ms.values())[:2]
+    return quiet and second >= first * (1 + MIN_MARGIN)
+
+
+def record_measurement(path: Path, record: Optional[dict], candidates, median_ms: Dict[str, float],
+                       load: Optional[float]) -> str:
+    """Add this measurement to the (provisional or absent) record, write it, return the runtime chosen."""
+    measurements = (record or {}).get("measurements", []) + [
+        {"median_ms_batch1": {k: round(v, 3) for k, v in median_ms.items()},
+         "load_average": None if load is None else round(load, 2)}]
+    if decisive(median_ms, load):
+        runtime, settled = min(median_ms, key=median_ms.get), True
+    else:
+        def relative(name):  # geometric mean of this runtime's median over each measurement's fastest
+            ratios = [m["median_ms_batch1"][name] / max(min(m["median_ms_batch1"].values()), 1e-9)
+                      for m in measurements]
+            return statistics.geometric_mean(ratios)
+
+        runtime, settled = min(candidates, key=relative), len(measurements) >= MAX_MEASUREMENTS
+    new = {"runtime": runtime, "settled": settled, "candidates": list(candidates), "versions": _versions(candidates),
+           "cpu": cpu_name(), "measurements": measurements,
+           "probe": f"batch {PROBE_BATCH}, {WARMUP} warm-up + median of {RUNS} interleaved runs"}
     tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        tmp.write_text(json.dumps(record, indent=1))
+        tmp.write_text(json.dumps(new, indent=1))
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache: the next process measures again, nothing worse
+    return runtime

@@ -16,6 +16,8 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import OptionError
+
 Compiled = Callable[[np.ndarray], np.ndarray]
 
 INSTALL_HINT = "install it with `pip install 'fastmvit[cpu]'`"
@@ -173,9 +175,9 @@ class _OpenVinoGraph:
 RUNTIMES: Dict[str, Runtime] = {r.name: r for r in (OpenVino(), OnnxRuntime())}
 # The runtimes backend="auto" chooses from on CPU tensors of each dtype, those installed that compute in that
 # dtype here. With more than one, the engine measures them once per model, size and thread count and keeps
-# the faster (fastmvit.cpu.pick): the faster depends on the CPU and the model (2-core Xeon with AMX, float32
-# 256x256, ms per batch ONNX Runtime / OpenVINO: S b1 48.3/44.4, b32 1309/1147; v2-1.0 b1 37.6/40.1, b32
-# 1064/1150), and a fixed order tuned on one CPU loses on another. bfloat16: OpenVINO alone (ONNX Runtime's
+# the faster (fastmvit.cpu.pick): the faster depends on the CPU, the model and the versions (2-core Xeon with
+# AMX, float32 256x256, ms per batch 1 ONNX Runtime / OpenVINO: S 33.0/25.4, v2-1.0 32.0/28.6; before
+# OpenVINO's static builds v2-1.0 was 37.6/40.1), and a fixed order tuned on one CPU loses on another. bfloat16: OpenVINO alone (ONNX Runtime's
 # CPU provider has no bf16 convolutions). Other dtypes (float16, float64) run the torch path.
 # FASTMVIT_CPU_ENGINE=<runtime> forces one runtime (nothing measured); "torch": no CPU engine.
 AUTO_ORDER: Dict[torch.dtype, Tuple[str, ...]] = {torch.float32: ("onnxruntime", "openvino"),
@@ -198,7 +200,7 @@ def auto_runtimes(dtype: torch.dtype) -> Tuple[str, ...]:
     """The runtimes backend="auto" chooses from for CPU tensors of ``dtype``: () (the torch path runs), one,
     or several, of which the CPU engine keeps the one it measures faster (``fastmvit.cpu.pick``).
     FASTMVIT_CPU_ENGINE=<runtime> forces that runtime alone (nothing measured)."""
-    return _auto_runtimes(dtype, os.environ.get(ENV, "auto"))
+    return _auto_runtimes(dtype, os.environ.get(ENV, "").strip() or "auto")  # set but empty: as unset
 
 
 @functools.lru_cache(maxsize=None)  # so each warning below is given once per process
@@ -206,7 +208,8 @@ def _auto_runtimes(dtype: torch.dtype, choice: str) -> Tuple[str, ...]:
     if choice == "torch":
         return ()
     if choice != "auto" and choice not in RUNTIMES:
-        raise ValueError(f"{ENV}={choice!r}: use 'auto', 'torch' or one of {tuple(RUNTIMES)}")
+        raise OptionError(f"{ENV}={choice!r}: use 'auto', 'torch' or one of {tuple(RUNTIMES)} (unset or empty: "
+                          f"'auto')")
     installed = [r for r in RUNTIMES if not problem(r)]
     if not installed:
         warnings.warn("fastmvit: no CPU runtime is installed (" + "; ".join(problem(r) for r in RUNTIMES)
