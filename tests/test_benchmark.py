@@ -61,6 +61,21 @@ def test_measure_interleaved_counts_warmup_rounds_and_survives_a_broken_engine()
     assert calls["c"] == 1
 
 
+def test_measure_interleaved_rotates_which_engine_runs_first():
+    """Each timed round starts one engine further on, so every engine follows every other equally often."""
+    order = []
+    budget = H.Budget(warmup=1, min_rounds=7, max_rounds=7, seconds=0)
+    H.measure_interleaved({n: (lambda n=n: order.append(n)) for n in "abc"}, CPU, budget)
+    timed = order[6:]  # per engine: one warm-up and one sizing call first
+    assert len(timed) == 3 * 6
+    rounds = [timed[i:i + 3] for i in range(0, len(timed), 3)]
+    assert [r[0] for r in rounds] == list("bcabca") and all(sorted(r) == list("abc") for r in rounds)
+    followers = {}
+    for prev, nxt in zip(timed, timed[1:]):
+        followers.setdefault(nxt, set()).add(prev)
+    assert all(len(f) == 2 for f in followers.values())  # every engine after both others
+
+
 def test_time_call_and_synchronized_on_cpu():
     assert H.time_call(lambda: sum(range(1000)), CPU) > 0
     seen = []

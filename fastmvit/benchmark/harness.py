@@ -79,8 +79,12 @@ def warm_up(fn: Callable[[], object], device: torch.device, calls: int) -> List[
 def measure_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, budget: Budget,
                         warmups: Optional[Dict[str, int]] = None) -> Dict[str, tuple]:
     """Time several callables round-robin (one call of each per round), so drift in clocks, temperature
-    or other load on the machine hits every engine alike. Returns name -> (Stats, warm-up seconds).
-    A callable that raises is reported as name -> (exception, warm-up seconds)."""
+    or other load on the machine hits every engine alike. Round r starts at the r-th engine, so each runs
+    after every other equally often: whatever one leaves behind (torch's OpenMP workers spin-waiting after
+    a call, a cold cache) does not always land on the same neighbour (measured before the rotation, on a
+    2-core CPU: the row after torch eager 1.8 ms slower at batch 1 than the same runtime one row later).
+    Returns name -> (Stats, warm-up seconds). A callable that raises is reported as name -> (exception,
+    warm-up seconds)."""
     warmups = warmups or {}
     out: Dict[str, tuple] = {}
     live: Dict[str, Callable[[], object]] = {}
@@ -95,8 +99,9 @@ def measure_interleaved(fns: Dict[str, Callable[[], object]], device: torch.devi
             out[name] = (e, 0.0)
     rounds = budget.rounds_for(sum(per_call.values()))
     samples: Dict[str, List[float]] = {name: [per_call[name]] for name in live}
-    for _ in range(rounds - 1):
-        for name, fn in list(live.items()):
+    for r in range(1, rounds):
+        order = list(live.items())
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             try:
                 samples[name].append(time_call(fn, device))
             except Exception as e:
