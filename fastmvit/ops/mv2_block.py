@@ -119,7 +119,11 @@ STEP_FUSED = 0.35e-6      # one (hidden chunk, tap) step of the fused kernel: an
                           # num_stages=1 does not prefetch (L2/DRAM latency), a wgmma, SiLU, the depthwise FMA;
                           # the low end of the review's 0.35-1 us (50-150 us for 144 steps), so the term
                           # overrules the roofline only where even the optimistic latency loses
-STEP_DW = 1.0e-6          # the depthwise kernel's single step: nine tap loads in flight, then the FMAs
+STEP_DW = 1.0e-6          # the depthwise kernel's single step: nine tap loads in flight, then the FMAs.
+                          # Since kernels/dwconv.py rolls its taps into a loop (registers 138 -> 64) the
+                          # loads may no longer overlap: a GPU visit should time it (bench kernels). Not
+                          # changed unmeasured: nine steps of STEP_FUSED would change 12 of the 40
+                          # (variant x batch 1/8/64/256) fuse patterns, at batch 256 too.
 CTAS_PER_SM_GEMM = 3      # resident CTAs per SM (kernels/check: 2-4 for the GEMM tiles; 1 for the fused
                           # kernel with 8 warps, about 2 with 4)
 
