@@ -101,6 +101,31 @@ def test_hf_checkpoint_matches_hf_on_the_cpu_engine(name, tmp_path):
         _close(model(x), hf(x).logits)
 
 
+@pytest.mark.filterwarnings("ignore")  # the tracer's notes on the reference export
+def test_v2_is_exported_with_three_projection_convs_and_the_model_left_alone(tmp_path, monkeypatch):
+    """graph_form: v2's packed q|k|v conv becomes three convs (no Split left for OpenVINO's reference kernel)
+    in a copy; the caller's model keeps its modules and weights. Parity is the tests above."""
+    onnx = pytest.importorskip("onnx")
+    from fastmvit.model.blocks import SeparableAttention
+
+    monkeypatch.setenv("FASTMVIT_CACHE", str(tmp_path))
+    model = randomize_(fastmvit.load("v2-0.5", pretrained=False, backend="torch"), seed=22)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attentions = sum(isinstance(m, SeparableAttention) for m in model.modules())
+    path = cpu_export.exported_onnx(model, cpu_export.weights_fingerprint(model), (64, 64))
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert "Split" not in ops and attentions == 2 + 4 + 3  # v2's transformer depths
+    packed = randomize_(fastmvit.load("v2-0.5", pretrained=False, backend="torch"), seed=22)
+    with torch.no_grad():  # the packed form, as the torch path traces it, has one Split per attention
+        torch.onnx.export(cpu_export._ReferenceForward(packed), (torch.zeros(1, 3, 64, 64),), str(tmp_path / "p.onnx"),
+                          dynamo=False, opset_version=cpu_export.OPSET)
+    assert [n.op_type for n in onnx.load(str(tmp_path / "p.onnx")).graph.node].count("Split") == attentions
+    assert ops.count("Conv") == [n.op_type for n in onnx.load(str(tmp_path / "p.onnx")).graph.node].count("Conv") + 2 * attentions
+    assert sum(isinstance(m, SeparableAttention) for m in model.modules()) == attentions
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
 def test_headless_model_returns_pooled_features():
     ref = randomize_(fastmvit.load("xxs", pretrained=False, num_classes=0, backend="torch"), seed=5)
     engine = fastmvit.load("xxs", weights=ref.state_dict(), num_classes=0)

@@ -152,7 +152,10 @@ class SeparableAttention(nn.Module):
         self.out_proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([1, self.dim, self.dim], dim=1)
+        return self.attend(*self.qkv_proj(x).split([1, self.dim, self.dim], dim=1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention after the projection: q [B, 1, P, N], k and v [B, d, P, N]."""
         scores = F.softmax(q, dim=-1)                         # over the N patches, per pixel position
         context = (k * scores).sum(dim=-1, keepdim=True)      # [B, d, P, 1]
         return self.out_proj(F.relu(v) * context.expand_as(v))
