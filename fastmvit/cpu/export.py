@@ -2,11 +2,11 @@
 kept on disk so that the next process starts without exporting again.
 
 The exported graph is the reference forward itself (BatchNorm unfolded: ONNX Runtime and OpenVINO fold it
-when they load the graph), with a dynamic batch axis, and one rewrite of the same math (``graph_form``): v2's
-packed q|k|v projection as three convs, because OpenVINO runs the channel split after it as a scalar
-reference kernel (profiled, v2-1.0 batch 8 float32: 13% of the time). Height and width are fixed per export because the
-forward's odd-size handling (v1's resize around the transformer, v2's two odd-size conventions) is Python
-control flow on the shapes, which a trace records for one size only.
+when they load the graph), with a dynamic batch axis, and one rewrite of the same math (``graph_form``):
+v2's packed q|k|v projection as three convs, because OpenVINO runs the channel split after it as a scalar
+reference kernel (profiled, v2-1.0 batch 8 float32: 13% of the time). Height and width are fixed per export
+because the forward's odd-size handling (v1's resize around the transformer, v2's two odd-size conventions)
+is Python control flow on the shapes, which a trace records for one size only.
 
 Profiled on ONNX Runtime (S and v2-1.0, 256x256, batch 1 and 8): Conv 35-60% of the time, MatMul 20-25% (S),
 SiLU 14-25% (fused by ONNX Runtime into QuickGelu, not into the convolutions), Transpose 3-4%; BatchNorm is

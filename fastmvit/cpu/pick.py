@@ -9,13 +9,15 @@ runs of each, interleaved (each round alternates which runs first), the median o
 Batch 1 because the build happens at the first call, whose batch may be large (S at batch 256: seconds per
 run): batch 1 bounds the cost at one extra build plus 2 x (WARMUP + RUNS) latency-sized runs.
 
-A measurement settles the choice when the machine was quiet (1-minute load average below BUSY_LOAD_PER_CPU
-per CPU, at least 1) and the faster runtime won by at least MIN_MARGIN. Otherwise the record is provisional:
-this process uses it, and the next processes measure again at their first build (each one more build and a
-second), accumulating, until a measurement settles it or MAX_MEASUREMENTS were made. The choice of an
-unsettled record is the runtime with the lowest geometric mean, over the measurements, of its median over the
-fastest one's (a busy measurement, slower throughout, weighs no more than a quiet one). Measured: S at load
-2.8-4.5 picked ONNX Runtime by 1-3 ms, OpenVINO being 4 ms faster when quiet."""
+A measurement settles the choice when the machine was quiet (1-minute load average below BUSY_LOAD_PER_CPU per
+CPU, at least 1) and the faster runtime won by at least MIN_MARGIN. Otherwise the record is provisional: this
+engine uses it, and the next engines built for this graph (a new model, the next process) measure again (each
+one more build and a second), accumulating, until a measurement settles it or MAX_MEASUREMENTS were made. The
+load average counts this process's own recent work too: a busy process (the benchmark itself) can make its own
+measurements provisional, which costs at most those extra measurements. The choice of an unsettled record is
+the runtime with the lowest geometric mean, over the measurements, of its median over the fastest one's (a
+busy measurement, slower throughout, weighs no more than a quiet one). Measured: S at load 2.8-4.5 picked ONNX
+Runtime by 1-3 ms, OpenVINO being 4 ms faster when quiet."""
 from __future__ import annotations
 
 import json
@@ -123,8 +125,8 @@ def record_measurement(path: Path, record: Optional[dict], candidates, median_ms
             return statistics.geometric_mean(ratios)
 
         runtime, settled = min(candidates, key=relative), len(measurements) >= MAX_MEASUREMENTS
-    new = {"runtime": runtime, "settled": settled, "candidates": list(candidates), "versions": _versions(candidates),
-           "cpu": cpu_name(), "measurements": measurements,
+    new = {"runtime": runtime, "settled": settled, "candidates": list(candidates),
+           "versions": _versions(candidates), "cpu": cpu_name(), "measurements": measurements,
            "probe": f"batch {PROBE_BATCH}, {WARMUP} warm-up + median of {RUNS} interleaved runs"}
     tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     try:
