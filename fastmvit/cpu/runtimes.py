@@ -89,9 +89,10 @@ class OpenVino(Runtime):
     256x256: +80 MB at batch 1, +100 MB at batch 8), hence the bound.
 
     Static builds run with OpenVINO's "snippets" (its JIT-fused subgraphs) turned off: with them OpenVINO
-    2026.4 computes fastmvit's v1 graph wrongly at static shapes with small sequences (xs at 64x64: 3.5e-4
-    of the largest logit, against 2.5e-7 without them or with a dynamic batch), and turning them off costs
-    nothing measurable here. An OpenVINO that refuses the setting gets the dynamic-batch build alone.
+    2026.4 computes fastmvit's v1 graph wrongly at static shapes with small sequences (up to 7% of the
+    largest logit, xs at 64x64, against 3e-6 without them or with a dynamic batch: see
+    bench/openvino_snippets_check.py). Turning them off costs nothing measurable in float32, 3-5% for S in
+    bfloat16 at 256x256. An OpenVINO that refuses the setting gets the dynamic-batch build alone.
 
     bfloat16 runs as OpenVINO's bf16 inference precision on CPUs with bf16 instructions (AVX512-BF16, AMX):
     float32 in and out, bf16 inside."""
