@@ -2,11 +2,12 @@
 kept on disk so that the next process starts without exporting again.
 
 The exported graph is the reference forward itself (BatchNorm unfolded: ONNX Runtime and OpenVINO fold it
-when they load the graph), with a dynamic batch axis, and one rewrite of the same math (``graph_form``):
-v2's packed q|k|v projection as three convs, because OpenVINO runs the channel split after it as a scalar
-reference kernel (profiled, v2-1.0 batch 8 float32: 13% of the time). Height and width are fixed per export
-because the forward's odd-size handling (v1's resize around the transformer, v2's two odd-size conventions)
-is Python control flow on the shapes, which a trace records for one size only.
+when they load the graph), with a dynamic batch axis, and two rewrites of the same math (``graph_form``):
+the packed q|k|v projections of v1 and v2 as three layers each, because OpenVINO's static-shape builds
+compute v1's packed form wrongly and run v2's channel split as a scalar reference kernel (profiled, v2-1.0
+batch 8 float32: 13% of the time). Height and width are fixed per export because the forward's odd-size
+handling (v1's resize around the transformer, v2's two odd-size conventions) is Python control flow on the
+shapes, which a trace records for one size only.
 
 Profiled on ONNX Runtime (S and v2-1.0, 256x256, batch 1 and 8): Conv 35-60% of the time, MatMul 20-25% (S),
 SiLU 14-25% (fused by ONNX Runtime into QuickGelu, not into the convolutions), Transpose 3-4%; BatchNorm is
@@ -28,10 +29,10 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..model.blocks import SeparableAttention
+from ..model.blocks import Attention, SeparableAttention
 
 # Bump when the exported graph changes for the same weights (a different wrapper, opset or exporter).
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 OPSET = 17
 # Each artefact holds the weights (10-80 MB): keep the most recently used few.
 MAX_FILES_ON_DISK = 32
@@ -70,6 +71,43 @@ class _ReferenceForward(nn.Module):
         return self.model.forward_head(self.model.forward_features(x))
 
 
+def _split_rows(make, weight: torch.Tensor, bias: torch.Tensor, rows) -> list:
+    """Layers ``make(in, out)`` holding consecutive row blocks (``rows``: their sizes) of a packed weight."""
+    layers, start = [], 0
+    for n in rows:
+        layer = make(weight.shape[1], n)
+        with torch.no_grad():
+            layer.weight.copy_(weight[start:start + n])
+            layer.bias.copy_(bias[start:start + n])
+        layers.append(layer)
+        start += n
+    return layers
+
+
+class _SplitQkvAttention(nn.Module):
+    """v1 attention with its packed q|k|v linear exported as three linears: the same sums per output, and
+    no reshape-permute-unbind of the packed result, the pattern with which OpenVINO 2026.4's snippets
+    (its JIT-fused subgraphs, used by static-shape builds) compute short sequences wrongly: up to 7% of the
+    largest logit, xs at 64x64 (bench/openvino_snippets_check.py). With three linears they are exact (at
+    most 3.5e-6 at every size checked) and faster than with snippets off (2-core AMX Xeon, static build,
+    ms packed without snippets / split with them: xxs b8 82 / 71, S b8 263 / 236)."""
+
+    def __init__(self, attn: Attention):
+        super().__init__()
+        self.attn = attn
+        dim = attn.heads * attn.head_dim
+        self.q, self.k, self.v = _split_rows(nn.Linear, attn.qkv.weight.detach(), attn.qkv.bias.detach(),
+                                             (dim, dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+
+        def heads(t):
+            return t.reshape(B, N, self.attn.heads, self.attn.head_dim).transpose(1, 2)
+
+        return self.attn.attend(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
+
+
 class _SplitProjectionAttention(nn.Module):
     """MobileViTv2's separable attention with its packed q|k|v 1x1 conv exported as three convs: the same
     sums per output channel, and no channel split in the graph, which OpenVINO 2026.4 runs as a reference
@@ -79,25 +117,25 @@ class _SplitProjectionAttention(nn.Module):
     def __init__(self, attn: SeparableAttention):
         super().__init__()
         self.attn = attn
-        d, w, b = attn.dim, attn.qkv_proj.weight.detach(), attn.qkv_proj.bias.detach()
-        self.q, self.k, self.v = (nn.Conv2d(d, w.shape[0], 1) for w in (w[:1], w[1:1 + d], w[1 + d:]))
-        with torch.no_grad():
-            for conv, rows in zip((self.q, self.k, self.v), (slice(0, 1), slice(1, 1 + d), slice(1 + d, None))):
-                conv.weight.copy_(w[rows])
-                conv.bias.copy_(b[rows])
+        d = attn.dim
+        self.q, self.k, self.v = _split_rows(lambda i, o: nn.Conv2d(i, o, 1), attn.qkv_proj.weight.detach(),
+                                             attn.qkv_proj.bias.detach(), (1, d, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn.attend(self.q(x), self.k(x), self.v(x))
 
 
+_EXPORT_FORMS = {Attention: _SplitQkvAttention, SeparableAttention: _SplitProjectionAttention}
+
+
 def graph_form(model: nn.Module) -> nn.Module:
     """What is exported: a float32 copy of ``model`` (never the caller's) with the rewrites above, the same
-    math in forms the runtimes run faster."""
+    math in forms the runtimes run faster (and, for v1, correctly on OpenVINO's static builds)."""
     source = copy.deepcopy(model).float()
     for parent in list(source.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, SeparableAttention):
-                setattr(parent, name, _SplitProjectionAttention(child))
+            if type(child) in _EXPORT_FORMS:
+                setattr(parent, name, _EXPORT_FORMS[type(child)](child))
     return source
 
 

@@ -88,18 +88,15 @@ class OpenVino(Runtime):
     S b8 92.7 / 108), and each build holds its own activation buffers and a copy of the weights (S at
     256x256: +80 MB at batch 1, +100 MB at batch 8), hence the bound.
 
-    Static builds run with OpenVINO's "snippets" (its JIT-fused subgraphs) turned off: with them OpenVINO
-    2026.4 computes fastmvit's v1 graph wrongly at static shapes with small sequences (up to 7% of the
-    largest logit, xs at 64x64, against 3e-6 without them or with a dynamic batch: see
-    bench/openvino_snippets_check.py). Turning them off costs nothing measurable in float32, 3-5% for S in
-    bfloat16 at 256x256. An OpenVINO that refuses the setting gets the dynamic-batch build alone.
+    OpenVINO 2026.4's snippets (its JIT-fused subgraphs, used by static builds) compute v1's packed q|k|v
+    attention wrongly for short sequences; the exported graph avoids that form (fastmvit.cpu.export,
+    bench/openvino_snippets_check.py), and tests compare static builds with the torch path at such sizes.
 
     bfloat16 runs as OpenVINO's bf16 inference precision on CPUs with bf16 instructions (AVX512-BF16, AMX):
     float32 in and out, bf16 inside."""
 
     name, module = "openvino", "openvino"
     MAX_STATIC_BATCHES = 4
-    STATIC_CONFIG = {"SNIPPETS_MODE": "DISABLE"}
 
     @functools.lru_cache(maxsize=None)
     def _core(self):
@@ -120,20 +117,18 @@ class OpenVino(Runtime):
 
     def compile(self, onnx_path: str, dtype: torch.dtype, threads: int) -> Compiled:
         return _OpenVinoGraph(self._core(), self._core().read_model(onnx_path), self.config(dtype, threads),
-                              self.MAX_STATIC_BATCHES, self.STATIC_CONFIG)
+                              self.MAX_STATIC_BATCHES)
 
 
 class _OpenVinoGraph:
     """One exported graph on OpenVINO: ``graph(x)`` runs x's batch size on that size's static build, or on
-    the shared dynamic-batch build once ``max_static`` batch sizes have static builds (or where OpenVINO
-    refused ``static_config``). ``built``: {batch size, or None for the dynamic build: compiled model}."""
+    the shared dynamic-batch build once ``max_static`` batch sizes have static builds. ``built``: {batch
+    size, or None for the dynamic build: compiled model}."""
 
-    def __init__(self, core, source, config: dict, max_static: int, static_config: dict):
-        self._core, self._source, self._config = core, source, config
-        self._max_static, self._static_config = max_static, static_config
+    def __init__(self, core, source, config: dict, max_static: int):
+        self._core, self._source, self._config, self._max_static = core, source, config, max_static
         self.built: dict = {}
         self._for_batch: dict = {}  # batch size -> the compiled model that runs it
-        self._static_refused = False
         self._lock = threading.Lock()  # builds one at a time; a batch size once routed never takes it
         self._local = threading.local()  # an infer request runs one inference at a time: one per thread
 
@@ -147,18 +142,12 @@ class _OpenVinoGraph:
         return compiled
 
     def _build(self, batch: int):
-        static_builds = len(self.built) - (None in self.built)
-        if static_builds < self._max_static and not self._static_refused:
+        """A static build for ``batch`` while there is room, else the dynamic one (built once)."""
+        if len(self.built) - (None in self.built) < self._max_static:
             model = self._source.clone()
             model.reshape([batch] + [d.get_length() for d in list(self._source.inputs[0].partial_shape)[1:]])
-            try:
-                compiled = self.built[batch] = self._core.compile_model(
-                    model, "CPU", {**self._config, **self._static_config})
-                return compiled
-            except RuntimeError as e:
-                if not any(key in str(e) for key in self._static_config):
-                    raise
-                self._static_refused = True  # an OpenVINO without the setting: no static builds
+            self.built[batch] = self._core.compile_model(model, "CPU", self._config)
+            return self.built[batch]
         if None not in self.built:
             self.built[None] = self._core.compile_model(self._source, "CPU", self._config)
         return self.built[None]

@@ -69,7 +69,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.attend(*qkv.unbind(0))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of the heads' q, k, v [B, heads, N, head_dim], then the output projection: [B, N, C]."""
+        B, _, N, _ = q.shape
         mode = self.numerics.attention
         if mode == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v)
@@ -79,7 +84,7 @@ class Attention(nn.Module):
             else:
                 scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             o = scores.softmax(dim=-1) @ v
-        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+        return self.proj(o.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
 
 
 class Mlp(nn.Module):
