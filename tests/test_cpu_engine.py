@@ -444,7 +444,7 @@ def test_a_busy_or_close_measurement_is_provisional_and_measured_again(monkeypat
     x = images((1, 3, 64, 64))
     a, b = INSTALLED
     key = (64, 64, torch.float32, torch.get_num_threads())
-    busy = max(1.0, cpu.pick.BUSY_LOAD_PER_CPU * cpu.pick._cpus())
+    busy = max(1.0, cpu.pick.BUSY_LOAD_PER_CPU * cpu.runtimes.cpu_count())
 
     def new_process(median_ms, load):
         """A first build as a fresh process makes it (timing fails the test when median_ms is None)."""

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..cpu.runtimes import cpu_name
+from ..cpu.runtimes import cpu_count, cpu_name
 from ..errors import OptionError
 
 SCHEMA = "fastmvit-bench/1"
@@ -189,11 +189,6 @@ def command_line() -> str:
 
 def load_average() -> Optional[list]:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def finish(meta: dict) -> dict:

@@ -1,8 +1,9 @@
 """backend="auto" on the CPU with more than one runtime for a dtype: which is faster depends on the CPU, the
 model and the runtimes' versions (2-core Xeon with AMX, float32 256x256, ms per batch 1 ONNX Runtime /
-OpenVINO: S 33.0 / 25.4, v2-1.0 32.0 / 28.6 by this probe at load 0.6; with OpenVINO's dynamic-batch build
-only, v2-1.0 was 37.6 / 40.1), so the engine measures, once per (graph, dtype, threads), and records the
-choice beside the exported graph in ``$FASTMVIT_CACHE/cpu/`` so that the next process builds it alone.
+OpenVINO: S 36.8 / 27.6, v2-1.0 33.9 / 25.5 by this probe at load 0.7-1.9; before OpenVINO's static builds and
+the export's rewrites, v2-1.0 was 37.6 / 40.1), so the engine measures, once per (graph, dtype, threads), and
+records the choice beside the exported graph in ``$FASTMVIT_CACHE/cpu/`` so that the next process builds it
+alone.
 
 The measurement is bounded: both runtimes are built from the same ONNX file, then WARMUP + RUNS batch-1
 runs of each, interleaved (each round alternates which runs first), the median of RUNS kept per runtime.
@@ -31,7 +32,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .runtimes import RUNTIMES, Compiled, cpu_name
+from .runtimes import RUNTIMES, Compiled, cpu_count, cpu_name
 
 WARMUP = 2
 RUNS = 5
@@ -77,10 +78,6 @@ def machine_load() -> Optional[float]:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _versions(candidates) -> Dict[str, str]:
     return {name: RUNTIMES[name].version() for name in candidates}
 
@@ -105,7 +102,7 @@ def settled_choice(record: Optional[dict]) -> Optional[str]:
 
 def decisive(median_ms: Dict[str, float], load: Optional[float]) -> bool:
     """Whether this measurement settles the choice: a quiet machine and a clear winner."""
-    quiet = load is not None and load < max(1.0, BUSY_LOAD_PER_CPU * _cpus())
+    quiet = load is not None and load < max(1.0, BUSY_LOAD_PER_CPU * cpu_count())
     first, second = sorted(median_ms.values())[:2]
     return quiet and second >= first * (1 + MIN_MARGIN)
 

@@ -164,12 +164,13 @@ class _OpenVinoGraph:
 
 RUNTIMES: Dict[str, Runtime] = {r.name: r for r in (OpenVino(), OnnxRuntime())}
 # The runtimes backend="auto" chooses from on CPU tensors of each dtype, those installed that compute in that
-# dtype here. With more than one, the engine measures them once per model, size and thread count and keeps
-# the faster (fastmvit.cpu.pick): the faster depends on the CPU, the model and the versions (2-core Xeon with
-# AMX, float32 256x256, ms per batch 1 ONNX Runtime / OpenVINO: S 33.0/25.4, v2-1.0 32.0/28.6; before
-# OpenVINO's static builds v2-1.0 was 37.6/40.1), and a fixed order tuned on one CPU loses on another. bfloat16: OpenVINO alone (ONNX Runtime's
-# CPU provider has no bf16 convolutions). Other dtypes (float16, float64) run the torch path.
-# FASTMVIT_CPU_ENGINE=<runtime> forces one runtime (nothing measured); "torch": no CPU engine.
+# dtype here. With more than one, the engine measures them once per model, size and thread count and keeps the
+# faster (fastmvit.cpu.pick): the faster depends on the CPU, the model and the versions (2-core Xeon with AMX,
+# float32 256x256, ms per batch 1 ONNX Runtime / OpenVINO: S 36.8/27.6, v2-1.0 33.9/25.5; before OpenVINO's
+# static builds and the export's rewrites, v2-1.0 was 37.6/40.1), and a fixed order tuned on one CPU loses on
+# another. bfloat16: OpenVINO alone (ONNX Runtime's CPU provider has no bf16 convolutions). Other dtypes
+# (float16, float64) run the torch path. FASTMVIT_CPU_ENGINE=<runtime> forces one runtime (nothing measured);
+# "torch": no CPU engine.
 AUTO_ORDER: Dict[torch.dtype, Tuple[str, ...]] = {torch.float32: ("onnxruntime", "openvino"),
                                                   torch.bfloat16: ("openvino",)}
 ENV = "FASTMVIT_CPU_ENGINE"
@@ -234,6 +235,11 @@ def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[Tuple[str, ...]]:
     if flags is None:
         return None
     return tuple(sorted(f for f in set(flags.split()) if f in ("avx512_bf16", "amx_bf16")))
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def cpu_name() -> str:
