@@ -333,6 +333,31 @@ def test_openvino_builds_the_first_batch_sizes_static_and_the_rest_dynamic(monke
     assert builds[None].inputs[0].partial_shape[0].is_dynamic
 
 
+@pytest.mark.parametrize("runtime", INSTALLED)
+def test_concurrent_callers_each_get_their_own_images_logits(monkeypatch, runtime):
+    """A server calls one model from several threads: each call's logits are its own images', while builds
+    (OpenVINO: two static batch sizes, then the dynamic build) happen under the callers' feet."""
+    import concurrent.futures
+
+    monkeypatch.setattr(cpu.RUNTIMES["openvino"], "MAX_STATIC_BATCHES", 2)
+    ref = image_sensitive_(fastmvit.load("xxs", pretrained=False, backend="torch"), seed=23)
+    model = fastmvit.load("xxs", weights=ref.state_dict(), backend=runtime)
+    jobs = [images((1 + i % 4, 3, 64, 64), seed=100 + i) for i in range(16)]
+    with torch.inference_mode():
+        expected = [ref(x) for x in jobs]
+
+        def call(i):
+            return model(jobs[i])
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(call, range(len(jobs))))
+    for got, want in zip(results, expected):
+        _close(got, want)
+    if runtime == "openvino":
+        (builds,) = _built(model, "openvino").values()
+        assert len(builds) == 3 and None in builds  # two static batch sizes, the others on the dynamic build
+
+
 def test_auto_runs_the_measured_runtime_per_dtype(monkeypatch):
     """float32: ONNX Runtime and OpenVINO, measured (CPU_AUTO) when both are installed; bfloat16: OpenVINO
     only, where the CPU has bf16; float16 and float64: the torch path. FASTMVIT_CPU_ENGINE forces one."""
