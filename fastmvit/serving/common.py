@@ -419,7 +419,7 @@ class Classifier:
             if progress:
                 progress("warm-up: compiling the engine's kernels in parallel")
             _parallel_kernel_warmup(self.model, self.batch_sizes, self.image_shape[1:])
-        work = ("capturing CUDA graphs" if self.device.type == "cuda" else "choosing the CPU kernels")
+        work = self._warmup_work()
         for i, b in enumerate(self.batch_sizes, 1):
             if progress:
                 progress(f"warm-up {i}/{len(self.batch_sizes)}: batch {b} ({work}), "
@@ -432,6 +432,19 @@ class Classifier:
             progress(f"ready: warm-up of batch sizes {', '.join(map(str, self.batch_sizes))} took "
                      f"{time.perf_counter() - start:.1f} s")
         return self.warmed_up
+
+    def _warmup_work(self) -> str:
+        """What the warm-up forwards spend their time on here, for the progress lines."""
+        if self.device.type == "cuda":
+            return "capturing CUDA graphs"
+        from ..engine import FUSED, TORCH, choose_engine
+
+        if hasattr(self.model, "cpu_engine_runtimes"):  # a classifier: its CPU engine may run (not DeepLabV3)
+            which = choose_engine(getattr(self.model, "backend", "torch"), torch.empty(0, dtype=self.dtype))
+            if which not in (TORCH, FUSED):
+                return ("building the CPU engine: ONNX export and the runtime choice at the first batch size, a "
+                        "graph per batch size")
+        return "choosing the CPU kernels"
 
     def top_k(self, logits: torch.Tensor, k: int) -> List[List[dict]]:
         """``[[{"label", "index", "score"}, ...]]``: softmax probabilities of the ``k`` best classes per row."""

@@ -174,6 +174,24 @@ def test_warmup_says_what_it_is_doing(model):
     assert len(said) == 4
 
 
+def test_warmup_names_the_cpu_engine_when_it_runs(monkeypatch):
+    """On a CPU with a runtime installed, "auto" builds the CPU engine during the warm-up (seconds at the
+    first size): the progress lines say so, and say "CPU kernels" where the torch path runs."""
+    from fastmvit import cpu
+
+    monkeypatch.delenv(cpu.runtimes.ENV, raising=False)  # tests/conftest.py turns the CPU engine off
+    if not cpu.auto_runtimes(torch.float32):
+        pytest.skip("no CPU runtime installed")
+    clf = Classifier.load(MODEL, pretrained=False, device="cpu", input_size=64, batch_sizes=(1, 2), progress=None)
+    said = []
+    clf.warmup(progress=said.append)
+    assert all("building the CPU engine" in m for m in said[:2]) and clf.model.cpu_engine_runtimes
+    monkeypatch.setenv(cpu.runtimes.ENV, "torch")
+    said.clear()
+    clf.warmup(progress=said.append)
+    assert all("choosing the CPU kernels" in m for m in said[:2])
+
+
 def test_float16_inside_float32_on_the_wire(checkpoint):
     """The GPU policy, run on the CPU: the model computes in float16, callers see float32."""
     clf = Classifier.load(MODEL, checkpoint, device="cpu", dtype="float16", input_size=64)
