@@ -39,7 +39,8 @@ def _auto_runs_the_cpu_engine(monkeypatch):
 
 
 # Every variant on the first runtime "auto" measures; the other runtime on one v1 and one v2 variant (CI
-# stays short), v1 at 64x64, where OpenVINO's static builds need its snippets off (fastmvit.cpu.runtimes).
+# stays short), v1 at 64x64, where OpenVINO's static builds get the packed attention wrong
+# (fastmvit.cpu.export).
 CASES = [(n, size, INSTALLED[0]) for n, size in zip(VARIANTS, SIZES)] + [
     (n, size, r) for r in INSTALLED[1:] for n, size in (("xs", SIZES[0]), ("v2-1.0", SIZES[5]))]
 
@@ -461,9 +462,10 @@ def test_the_choice_is_recorded_on_disk_and_not_measured_again(monkeypatch, tmp_
 
 @two_runtimes
 def test_a_busy_or_close_measurement_is_provisional_and_measured_again(monkeypatch, tmp_path):
-    """Busy (load injected) or a margin under MIN_MARGIN: the next process measures again, until a quiet,
-    clear measurement settles the choice or MAX_MEASUREMENTS were made; meanwhile the choice is the lowest
-    geometric mean of each runtime's median over the fastest (not simply the latest measurement)."""
+    """Busy (load injected) or a margin under MIN_MARGIN: the next engine built for the graph (here a new
+    model, as in a new process) measures again, until a quiet, clear measurement settles the choice or
+    MAX_MEASUREMENTS were made; meanwhile the choice is the lowest geometric mean of each runtime's median
+    over the fastest (not simply the latest measurement)."""
     monkeypatch.setenv("FASTMVIT_CACHE", str(tmp_path))
     weights = randomize_(fastmvit.load("xxs", pretrained=False), seed=21).state_dict()
     x = images((1, 3, 64, 64))
