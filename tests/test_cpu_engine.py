@@ -2,7 +2,6 @@
 plain PyTorch path on the same weights (every variant, odd sizes, batches 1 to 4, every numerics preset)
 and against Hugging Face's implementation; its cache, its errors, and what happens without a runtime."""
 import json
-import os
 import warnings
 
 import pytest
@@ -282,17 +281,22 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="ONNX Runtime not installed")
-def test_onnxruntime_sessions_do_not_spin_and_take_torchs_thread_count(restore_threads):
-    """The options are checked on the very sessions the engine built: threads that spin after each run
-    take a core from whatever runs next, and a thread count other than torch's oversubscribes the CPU."""
-    model = randomize_(fastmvit.load("xxs", pretrained=False, backend="onnxruntime"), seed=15)
+def _built_at_one_and_two_threads(runtime, seed):
+    """``_built`` of an xxs model on ``runtime`` called once under 1 torch thread and once under 2."""
+    model = randomize_(fastmvit.load("xxs", pretrained=False, backend=runtime), seed=seed)
     x = images((1, 3, 64, 64))
     with torch.inference_mode():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             model(x)
-    sessions = _built(model, "onnxruntime")
+    return _built(model, runtime)
+
+
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="ONNX Runtime not installed")
+def test_onnxruntime_sessions_do_not_spin_and_take_torchs_thread_count(restore_threads):
+    """The options are checked on the very sessions the engine built: threads that spin after each run
+    take a core from whatever runs next, and a thread count other than torch's oversubscribes the CPU."""
+    sessions = _built_at_one_and_two_threads("onnxruntime", seed=15)
     assert [key[-1] for key in sessions] == [1, 2]  # the thread count is part of the build key
     for (*_, threads), session in sessions.items():
         options = session.get_session_options()
@@ -303,13 +307,7 @@ def test_onnxruntime_sessions_do_not_spin_and_take_torchs_thread_count(restore_t
 
 @pytest.mark.skipif("openvino" not in INSTALLED, reason="OpenVINO not installed")
 def test_openvino_takes_torchs_thread_count(restore_threads):
-    model = randomize_(fastmvit.load("xxs", pretrained=False, backend="openvino"), seed=16)
-    x = images((1, 3, 64, 64))
-    with torch.inference_mode():
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            model(x)
-    compiled = _built(model, "openvino")
+    compiled = _built_at_one_and_two_threads("openvino", seed=16)
     assert [key[-1] for key in compiled] == [1, 2]
     for (*_, threads), builds in compiled.items():
         assert list(builds) == [1]  # batch 1's static build

@@ -10,7 +10,6 @@ import http.client
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +20,9 @@ from typing import List, Optional, Tuple
 import pytest
 
 from fastmvit.serving.faults import FAULTS_ENV
-from fastmvit.serving.launch import ServerProcess, free_port
+from fastmvit.serving.launch import ServerProcess
 
-from .helpers import INPUT_SIZE, MODEL, assert_same_top_k, get, reference_logits
+from .helpers import INPUT_SIZE, MODEL, assert_same_top_k, get, litserve_process, reference_logits
 
 pytest.importorskip("litserve", reason="the serve extra (litserve) is not installed")
 
@@ -65,25 +64,17 @@ class Server:
 def server(checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("litserve-faults")
     device_error, hang = root / "device-error", root / "hang"
-    port = free_port()
-    cmd = [sys.executable, "-m", "fastmvit", "serve", "--model", MODEL, "--weights", checkpoint, "--device", "cpu",
-           "--host", "127.0.0.1", "--port", str(port), "--input-size", str(INPUT_SIZE),
-           "--max-batch-size", str(MAX_BATCH), "--batch-timeout-ms", "50", "--log-level", "warning",
-           "--body-timeout", str(BODY_TIMEOUT), "--idle-timeout", str(IDLE_TIMEOUT),
-           "--queue-timeout", str(QUEUE_TIMEOUT), "--inference-timeout", str(INFERENCE_TIMEOUT),
-           "--max-queue", str(MAX_QUEUE), "--drain-timeout", str(DRAIN_TIMEOUT)]
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    # one thread per process: on a shared, oversubscribed CPU, OpenMP's spinning threads make a forward
-    # ~20x slower (measured: 3.5 s vs 0.15 s for one 128x128 image at a load of 11 on 2 cores)
-    env["OMP_NUM_THREADS"] = "1"
-    env[FAULTS_ENV] = f"oom_above=2,device_error_when={device_error},hang_when={hang}"
-    proc = ServerProcess(cmd, env=env, log_path=str(root / "server.log"), name="litserve").start()
-    try:
-        proc.wait_ready(f"http://127.0.0.1:{port}/health", timeout=300)
-        yield Server(port, proc, device_error, hang)
-    finally:
-        hang.unlink(missing_ok=True)
-        proc.stop()
+    args = ["--model", MODEL, "--weights", checkpoint, "--host", "127.0.0.1", "--input-size", str(INPUT_SIZE),
+            "--max-batch-size", str(MAX_BATCH), "--batch-timeout-ms", "50", "--log-level", "warning",
+            "--body-timeout", str(BODY_TIMEOUT), "--idle-timeout", str(IDLE_TIMEOUT),
+            "--queue-timeout", str(QUEUE_TIMEOUT), "--inference-timeout", str(INFERENCE_TIMEOUT),
+            "--max-queue", str(MAX_QUEUE), "--drain-timeout", str(DRAIN_TIMEOUT)]
+    faults = {FAULTS_ENV: f"oom_above=2,device_error_when={device_error},hang_when={hang}"}
+    with litserve_process(args, root, env=faults) as (port, proc):
+        try:
+            yield Server(port, proc, device_error, hang)
+        finally:
+            hang.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

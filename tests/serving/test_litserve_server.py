@@ -4,18 +4,14 @@ requests around it are answered, and concurrent requests are batched."""
 import base64
 import io
 import json
-import os
 import random
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from fastmvit.serving.launch import ServerProcess, free_port
-
 from .helpers import (INPUT_SIZE, MAX_BATCH, MODEL, SECRET, assert_same_top_k, bad_images, get, post, preprocessed,
-                      prometheus_samples, reference_logits)
+                      litserve_process, prometheus_samples, reference_logits)
 
 pytest.importorskip("litserve", reason="the serve extra (litserve) is not installed")
 pytest.importorskip("prometheus_client", reason="prometheus-client is not installed")
@@ -47,20 +43,11 @@ def tensor_bad_inputs():
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    port = free_port()
-    cmd = [sys.executable, "-m", "fastmvit", "serve", "--model", MODEL, "--weights", checkpoint, "--device", "cpu",
-           "--host", "127.0.0.1", "--port", str(port), "--input-size", str(INPUT_SIZE),
-           "--max-batch-size", str(MAX_BATCH), "--batch-timeout-ms", "50", "--max-body-bytes", str(MAX_BODY),
-           "--log-level", "warning"]
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["OMP_NUM_THREADS"] = "1"  # see test_litserve_faults.py: spinning OpenMP threads on a shared CPU
-    proc = ServerProcess(cmd, env=env, log_path=str(tmp_path_factory.mktemp("litserve") / "server.log"),
-                         name="litserve").start()
-    try:
-        proc.wait_ready(f"http://127.0.0.1:{port}/health", timeout=300)
+    with litserve_process(["--model", MODEL, "--weights", checkpoint, "--host", "127.0.0.1",
+                           "--input-size", str(INPUT_SIZE), "--max-batch-size", str(MAX_BATCH),
+                           "--batch-timeout-ms", "50", "--max-body-bytes", str(MAX_BODY), "--log-level", "warning"],
+                          tmp_path_factory.mktemp("litserve")) as (port, proc):
         yield port, proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

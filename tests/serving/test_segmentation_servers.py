@@ -6,7 +6,6 @@ size and argmax. Odd sizes, several shapes in one batch, bad images."""
 import base64
 import io
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from ..utils import photo
 from .helpers import SEGMENTATION_MODEL as MODEL
 from .helpers import SEGMENTATION_SIZE as SIZE
 from .helpers import (SECRET, assert_mask, bad_images, get, image_ref, png, post, prometheus_samples, reference,
-                      write_segmentation_checkpoint)
+                      litserve_process, serve_env, write_segmentation_checkpoint)
 
 MAX_BATCH = 4
 MAX_BODY = 300_000
@@ -62,19 +61,11 @@ def pictures():
 @pytest.fixture(scope="module")
 def litserve(checkpoint, tmp_path_factory):
     pytest.importorskip("litserve", reason="the serve extra (litserve) is not installed")
-    port = free_port()
-    cmd = [sys.executable, "-m", "fastmvit", "serve", "--model", MODEL, "--weights", checkpoint, "--device", "cpu",
-           "--port", str(port), "--input-size", str(SIZE), "--max-batch-size", str(MAX_BATCH),
-           "--batch-timeout-ms", "100", "--max-body-bytes", str(MAX_BODY), "--log-level", "warning"]
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = ServerProcess(cmd, env=env, log_path=str(tmp_path_factory.mktemp("seg-litserve") / "server.log"),
-                         name="litserve").start()
-    try:
-        proc.wait_ready(f"http://127.0.0.1:{port}/health", timeout=300)
+    with litserve_process(["--model", MODEL, "--weights", checkpoint, "--input-size", str(SIZE),
+                           "--max-batch-size", str(MAX_BATCH), "--batch-timeout-ms", "100",
+                           "--max-body-bytes", str(MAX_BODY), "--log-level", "warning"],
+                          tmp_path_factory.mktemp("seg-litserve")) as (port, proc):
         yield port, proc
-    finally:
-        proc.stop()
 
 
 def test_litserve_warms_up_and_says_so(litserve):
@@ -177,20 +168,15 @@ def test_litserve_concurrent_masks_are_each_their_own(litserve, model, pictures)
 def test_serve_random_weights_from_the_command_line(tmp_path, pictures):
     """`python -m fastmvit serve --model deeplabv3-xxs --random`: loads, warms up saying so, answers a mask."""
     pytest.importorskip("litserve", reason="the serve extra (litserve) is not installed")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "fastmvit", "serve", "--model", "deeplabv3-xxs", "--random", "--device", "cpu",
-           "--port", str(port), "--input-size", str(SIZE), "--max-batch-size", "2"]
-    with ServerProcess(cmd, env=env, log_path=str(tmp_path / "server.log"), name="litserve") as proc:
-        proc.wait_ready(f"http://127.0.0.1:{port}/health", timeout=300)
+    with litserve_process(["--model", "deeplabv3-xxs", "--random", "--input-size", str(SIZE),
+                           "--max-batch-size", "2"], tmp_path) as (port, proc):
         status, body = post_raw(port, pictures["61x45"], {"Accept": "image/png"})
         assert status == 200 and Image.open(io.BytesIO(body)).size == (61, 45)
         log = proc.log_tail(100_000)
     assert "loading deeplabv3-xxs (random weights) on cpu" in log and "warm-up 2/2: batch 2" in log
     assert "ready: warm-up of batch sizes 1, 2" in log
-    r = subprocess.run([sys.executable, "-m", "fastmvit", "serve", "--model", "deeplabv3-xl", "--random"], env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "fastmvit", "serve", "--model", "deeplabv3-xl", "--random"],
+                       env=serve_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown segmentation model 'deeplabv3-xl'" in r.stderr, r.stderr
 
 

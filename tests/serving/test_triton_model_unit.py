@@ -180,9 +180,9 @@ def test_execute_answers_each_request_when_the_forward_fails(triton_model, tmp_p
     assert all("cannot serve any more" in r.error.message for r in responses)
 
 
-def test_segmentation_groups_equal_shapes_across_requests_and_answers_each_its_masks(triton_model, tmp_path):
-    """Five good images in four requests, three input shapes: three forwards; every request gets its masks in
-    its own order, each at its image's size, and a bad image fails its request alone."""
+def _segmentation_model(triton_model, tmp_path, record):
+    """The Python backend serving a random-weight DeepLabV3 checkpoint on the CPU: (model, checkpoint,
+    forwards), where each forward of its classifier appends ``record(x)`` to ``forwards``."""
     checkpoint = write_segmentation_checkpoint(tmp_path / "seg.safetensors")
     model_dir = write_model_repository(tmp_path / "repo", SEGMENTATION_MODEL, checkpoint, kind="cpu",
                                        max_batch_size=8, input_size=SEGMENTATION_SIZE)
@@ -190,7 +190,14 @@ def test_segmentation_groups_equal_shapes_across_requests_and_answers_each_its_m
     m.initialize(triton_args(model_dir))
     forwards = []
     inner = m.classifier.forward
-    m.classifier.forward = lambda x: forwards.append(tuple(x.shape)) or inner(x)
+    m.classifier.forward = lambda x: forwards.append(record(x)) or inner(x)
+    return m, checkpoint, forwards
+
+
+def test_segmentation_groups_equal_shapes_across_requests_and_answers_each_its_masks(triton_model, tmp_path):
+    """Five good images in four requests, three input shapes: three forwards; every request gets its masks in
+    its own order, each at its image's size, and a bad image fails its request alone."""
+    m, checkpoint, forwards = _segmentation_model(triton_model, tmp_path, lambda x: tuple(x.shape))
     pics = {"a": png(photo(97, 131, 1)), "t": png(photo(131, 97, 2)), "big": png(photo(194, 262, 3)),
             "b": png(photo(97, 131, 4))}
     tensor = torch.rand(1, 3, 67, 81, generator=torch.Generator().manual_seed(5))
@@ -222,14 +229,7 @@ def test_segmentation_out_of_memory_splits_the_shape_group(triton_model, tmp_pat
     """Out of memory above 2 images (injected): a forward of three same-shape images is split and retried,
     and each request still gets its own mask."""
     monkeypatch.setenv("FASTMVIT_SERVING_FAULTS", "oom_above=2")
-    checkpoint = write_segmentation_checkpoint(tmp_path / "seg.safetensors")
-    model_dir = write_model_repository(tmp_path / "repo", SEGMENTATION_MODEL, checkpoint, kind="cpu",
-                                       max_batch_size=8, input_size=SEGMENTATION_SIZE)
-    m = triton_model.TritonPythonModel()
-    m.initialize(triton_args(model_dir))
-    forwards = []
-    inner = m.classifier.forward
-    m.classifier.forward = lambda x: forwards.append(x.shape[0]) or inner(x)
+    m, checkpoint, forwards = _segmentation_model(triton_model, tmp_path, lambda x: x.shape[0])
     pics = [png(photo(97, 131, seed)) for seed in (1, 2, 3)]
     responses = m.execute([{"image_bytes": FakeTensor("image_bytes", np.array([[p]], np.object_))} for p in pics])
     assert forwards == [2, 1]  # 3 -> 2 + 1: the injected OOM fires before the real forward
