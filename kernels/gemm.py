@@ -120,8 +120,15 @@ def _groupnorm_rows(stats_ptr, b_first, r_first, lrows, row_ok, n_rows, rps, T, 
             c_n = tl.load(base + t, mask=ok, other=0.0)
             c_mean = tl.load(base + T + t, mask=ok, other=0.0)
             c_m2 = tl.load(base + 2 * T + t, mask=ok, other=0.0)
-            c_mean, c_m2, c_n = tl.reduce((c_mean, c_m2, c_n), 0, _chan_combine)
-            mean, m2, n = _chan_combine(mean, m2, n, c_mean, c_m2, c_n)
+            # The chunk's summary in closed form (two passes over its slots: the pooled mean, then M2 as
+            # the slots' own M2 plus their means' spread around it), all plain sums: cheaper than a
+            # tl.reduce with a Chan combine on the GPU, and ~100x cheaper under the interpreter, which
+            # runs a custom combine one element at a time in Python. Empty slots (n 0) add nothing.
+            s_n = tl.sum(c_n, axis=0)
+            s_mean = tl.fdiv(tl.sum(c_n * c_mean, axis=0), tl.maximum(s_n, 1.0))
+            dev = c_mean - s_mean
+            s_m2 = tl.sum(c_m2, axis=0) + tl.sum(c_n * dev * dev, axis=0)
+            mean, m2, n = _chan_combine(mean, m2, n, s_mean, s_m2, s_n)
         rstd = tl.rsqrt(tl.fdiv(m2, n) + eps)
         hit = row_ok & (b_row == j)
         mean_rows = tl.where(hit, mean, mean_rows)

@@ -234,6 +234,26 @@ def test_small_tiles(dt):
             hw=(4, 6))
 
 
+def test_group_stats_merge_over_more_slots_than_one_step():
+    """The GroupNorm prologue merges a sample's partial statistics STATS_BLOCK slots per step: with small
+    tiles a sample of 390 rows leaves 25 row tiles x 3 column tiles = 75 slots, so it takes two steps,
+    and the second step's slots have means far from the first's (a dropped spread term or a lost step
+    shows in the variance)."""
+    B, rps, K, N = 2, 390, 16, 40
+    a = rand(B * rps, K, dtype=torch.float32)
+    a[: rps // 2] += 25.0  # the first half of sample 0's rows (its early slots) sit far above the rest
+    w = layer(K, N)
+    packed = pack_linear(w["weight"], w["bias"], dtype=torch.float32, device=DEVICE)
+    x, stats = kg.gemm(a, packed.weight, N, bias=packed.bias, emit_stats=True, rows_per_sample=rps, config=SMALL)
+    assert stats.shape[2] > kg.STATS_BLOCK.value
+    w2 = layer(N, 24, affine=True)
+    p2 = pack_linear(w2["weight"], w2["bias"], norm_weight=w2["norm_weight"], norm_bias=w2["norm_bias"],
+                     dtype=torch.float32, device=DEVICE)
+    z = kg.gemm(x, p2.weight, 24, bias=p2.bias, norm=kg.NORM_GROUP, group_stats=stats, rows_per_sample=rps,
+                config=SMALL)
+    compare(z, x, w2, "many-slots-gn", norm="group", rows_per_sample=rps)
+
+
 # -- one v1 transformer layer's GEMMs against fastmvit.model.blocks.TransformerLayer ---------------------
 
 def _attention(qkv, seqs, heads):
