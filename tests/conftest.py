@@ -124,6 +124,53 @@ def _set_overflow_checks(on: bool):
     return was
 
 
+def _patch_the_language_once_per_launch():
+    """Triton's interpreter swaps triton.language's builtins for interpreted ones when a launch starts
+    (and restores them when it ends), and again at every call of a @triton.jit helper inside the kernel,
+    where everything is already swapped: each of those calls walks the modules' members with
+    inspect.getmembers, about a fifth of a whole model's interpreted forward (the GEMM calls its helpers
+    per K step). Here a helper call skips the walk when its thread's launch already swapped the modules
+    the helper sees; the launch's own swap and restore are unchanged. Where Triton's internals differ
+    (another version), nothing is changed."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import threading
+
+    import triton.language as tl
+    from triton.runtime import interpreter as ti
+
+    patch_lang, run_grid = getattr(ti, "_patch_lang", None), getattr(ti.GridExecutor, "__call__", None)
+    scope_type = getattr(ti, "_LangPatchScope", None)
+    if patch_lang is None or run_grid is None or scope_type is None:
+        return
+    state = threading.local()
+
+    def langs_of(fn):
+        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+
+    def launch(self, *args, **kwargs):
+        outer = getattr(state, "swapped", None)
+        state.swapped = set()  # this launch's swap (GridExecutor.__call__ -> _patch_lang) fills it
+        try:
+            return run_grid(self, *args, **kwargs)
+        finally:
+            state.swapped = outer
+
+    def patch(fn):
+        swapped, langs = getattr(state, "swapped", None), langs_of(fn)
+        if swapped and langs <= swapped:
+            return scope_type()  # already swapped by this launch: nothing to do, nothing to restore
+        scope = patch_lang(fn)
+        if swapped is not None:
+            swapped |= langs
+        return scope
+
+    ti._patch_lang, ti.GridExecutor.__call__ = patch, launch
+
+
+_patch_the_language_once_per_launch()
+
+
 @pytest.fixture(autouse=True)
 def _overflow_checks(request):
     was = _set_overflow_checks(str(request.node.path).startswith(KERNEL_TESTS + os.sep))
