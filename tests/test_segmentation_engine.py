@@ -68,25 +68,26 @@ def test_the_engine_runs_the_dilated_kernels():
         assert [d for *_, d in steps[-1].atrous] == [6, 12, 18] and isinstance(steps[-1], DeepLabHeadStep)
 
 
-@pytest.mark.parametrize("align_corners", [False, True], ids=["hf", "cvnets"])
-def test_labels_are_the_upsampled_argmax(align_corners):
+@pytest.mark.parametrize("align_corners,size", [(False, None), (True, (37, 50))], ids=["hf", "cvnets-37x50"])
+def test_labels_are_the_upsampled_argmax(align_corners, size):
     """``labels`` on the engine: the fused kernel's map equals F.interpolate + argmax of the engine's own
     logits (where the best class leads by more than rounding), and the torch path's labels wherever the
-    torch logits decide by more than the engine's error; a size of the caller's choosing too."""
+    torch logits decide by more than the engine's error; at the input's size (default) and at a size of
+    the caller's choosing."""
     model = seg_model("xxs", 16, "cvnets", align_corners=align_corners)
     x = varied_images((2, 3, 64, 64), seed=5)
+    at = {} if size is None else {"size": size}
+    out = size or (64, 64)
     with torch.inference_mode():
         logits = model(x)
-        labels = model.labels(x)
-        other = model.labels(x, size=(37, 50))
+        labels = model.labels(x, **at)
         ref_model = copy.deepcopy(model)
         ref_model.backend = "torch"
-        torch_labels = ref_model.labels(x)
+        torch_labels = ref_model.labels(x, **at)
         torch_logits = ref_model(x)
-    assert labels.shape == (2, 64, 64) and other.shape == (2, 37, 50) and labels.dtype == torch.int64
-    for got, size in ((labels, (64, 64)), (other, (37, 50))):
-        assert torch.equal(got, bilinear_argmax_reference(logits, size, align_corners))
-    up = torch.nn.functional.interpolate(torch_logits, size=(64, 64), mode="bilinear", align_corners=align_corners)
+    assert labels.shape == (2, *out) and labels.dtype == torch.int64
+    assert torch.equal(labels, bilinear_argmax_reference(logits, out, align_corners))
+    up = torch.nn.functional.interpolate(torch_logits, size=out, mode="bilinear", align_corners=align_corners)
     top2 = up.topk(2, dim=1).values
     decided = (top2[:, 0] - top2[:, 1]) > 4 * max_err(logits, torch_logits)
     assert decided.float().mean() > 0.9 and len(labels.unique()) > 2  # a map of several classes
