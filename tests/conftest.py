@@ -71,10 +71,11 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ["OMP_NUM_THREADS"] = str(_share)
 
 
-# Tests that share an expensive module-scoped fixture (a real server) run in one worker, so it starts
-# once (pytest's --dist loadgroup); every other test is handed to whichever worker is free.
-SHARED_SERVER_MODULES = ("test_litserve_server.py", "test_triton_server.py", "test_litserve_faults.py",
-                         "test_triton_faults.py", "test_segmentation_servers.py")
+# Tests that share an expensive module-scoped fixture (a real server, the sm_90 compile of every kernel
+# family's sample) run in one worker, so it runs once (pytest's --dist loadgroup); every other test is
+# handed to whichever worker is free.
+SHARED_FIXTURE_MODULES = ("test_litserve_server.py", "test_triton_server.py", "test_litserve_faults.py",
+                          "test_triton_faults.py", "test_segmentation_servers.py", "test_kernel_compile.py")
 # The modules whose tests take longest (whole models under the interpreter, compiling the CUDA binding,
 # compiling kernels for sm_90): handed out first, so that the short tests fill in around them instead of
 # one worker finishing alone.
@@ -83,7 +84,7 @@ LONG_MODULES = ("test_engine.py", "test_kernel_compile.py", "test_csrc.py")
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in SHARED_SERVER_MODULES:
+        if item.path.name in SHARED_FIXTURE_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike, a module's tests stay together
         items.sort(key=lambda item: item.path.name not in LONG_MODULES)

@@ -87,29 +87,42 @@ def calls_dot(fn, seen=None) -> bool:
                if hasattr(g, "fn") and inspect.isfunction(g.fn) and g not in seen and f"{name}(" in src)
 
 
-# In a child process with the interpreter off: the compiler needs it off, and so does compile_configs()
-# (the launch rules pick other tiles for the interpreter).
-_COMPILE_SAMPLE = """
-import importlib, json, sys
+# In one child process with the interpreter off (the compiler needs it off, and so does compile_configs():
+# the launch rules pick other tiles for the interpreter), every family's sample, each family's result or
+# error on its own: one start-up (torch, Triton) instead of one per family.
+_COMPILE_SAMPLES = """
+import importlib, json, sys, traceback
 from fastmvit.kernels.check import resource_usage
 from tests.test_kernel_compile import calls_dot, covering_sample, features
-configs = importlib.import_module(sys.argv[1]).compile_configs()
-sample = covering_sample(configs)
-assert set().union(*map(features, sample)) == set().union(*map(features, configs))
-print(json.dumps({"names": [c.name for c in configs], "compiled": [
-    dict(resource_usage(c, 90), kernel=c.fn.__name__, dot=calls_dot(c.fn), dtypes=list(c.signature.values()))
-    for c in sample]}))
+results = {}
+for family in sys.argv[1:]:
+    try:
+        configs = importlib.import_module(f"fastmvit.kernels.{family}").compile_configs()
+        sample = covering_sample(configs)
+        assert set().union(*map(features, sample)) == set().union(*map(features, configs))
+        results[family] = {"names": [c.name for c in configs], "compiled": [
+            dict(resource_usage(c, 90), kernel=c.fn.__name__, dot=calls_dot(c.fn), dtypes=list(c.signature.values()))
+            for c in sample]}
+    except Exception:
+        results[family] = {"error": traceback.format_exc()[-3000:]}
+print(json.dumps(results))
 """
+
+
+@pytest.fixture(scope="module")
+def compiled_samples():
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SAMPLES, *FAMILIES], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="this Triton has no bundled cuobjdump")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sampled_specialisations_compile_for_sm90(family):
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SAMPLE, f"fastmvit.kernels.{family}"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+def test_sampled_specialisations_compile_for_sm90(family, compiled_samples):
+    result = compiled_samples[family]
+    assert "error" not in result, f"{family}:\n{result.get('error')}"
     assert result["compiled"], f"{family}: no specialisation compiled"
     for what, found in MUST_LIST.get(family, {}).items():
         assert found(set(result["names"])), f"{family}: no {what} among its specialisations"
