@@ -72,8 +72,10 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 
 # Tests that share an expensive module-scoped fixture (a real server, the sm_90 compile of every kernel
-# family's sample) run in one worker, so it runs once (pytest's --dist loadgroup); every other test is
-# handed to whichever worker is free.
+# family's sample) run in one worker, so it runs once; every other test is handed to whichever worker is
+# free. The scheduler below says so itself: pytest-xdist's loadgroup passes its groups by rewriting test
+# ids, which pytest 9.2's structured ids ignore (pytest-xdist issue 1386), so its xdist_group marks
+# silently stopped grouping and each of these modules started its fixture in both workers.
 SHARED_FIXTURE_MODULES = ("test_litserve_server.py", "test_triton_server.py", "test_litserve_faults.py",
                           "test_triton_faults.py", "test_segmentation_servers.py", "test_kernel_compile.py")
 # The modules whose tests take longest (whole models under the interpreter, compiling the CUDA binding,
@@ -82,10 +84,22 @@ SHARED_FIXTURE_MODULES = ("test_litserve_server.py", "test_triton_server.py", "t
 LONG_MODULES = ("test_engine.py", "test_kernel_compile.py", "test_csrc.py")
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """For --dist loadgroup (what the whole suite runs, above): a shared-fixture module is one unit of
+    work, every other test its own."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerPerSharedModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if os.path.basename(module) in SHARED_FIXTURE_MODULES else nodeid
+
+    return OneWorkerPerSharedModule(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in SHARED_FIXTURE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike, a module's tests stay together
         items.sort(key=lambda item: item.path.name not in LONG_MODULES)
 
