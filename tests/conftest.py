@@ -23,6 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch.manual_seed(0)
 
+from fastmvit.cpu.runtimes import cpu_count  # noqa: E402
+
 # Every replayed launch plan is checked against its recording (same ops, same tensor layouts).
 from fastmvit.engine.engine import Engine  # noqa: E402  (no kernels imported: they load with the first engine)
 
@@ -37,10 +39,6 @@ Engine.check_replays = True
 WORKERS = 2
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _workers(config) -> int:
     """WORKERS for a whole-directory run, 0 (serial) for a narrower one or on one CPU."""
     o = config.option
@@ -48,7 +46,7 @@ def _workers(config) -> int:
         return 0
     if any("::" in a or not os.path.isdir(a) for a in config.args):
         return 0
-    return min(WORKERS, _cpus()) if _cpus() > 1 else 0
+    return min(WORKERS, cpu_count()) if cpu_count() > 1 else 0
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -66,7 +64,7 @@ def pytest_cmdline_main(config):
 # times slower than one thread each (they preempt each other inside every parallel op). The servers and
 # command lines the tests start inherit OMP_NUM_THREADS.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _share = max(1, _cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _share = max(1, cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     torch.set_num_threads(_share)
     os.environ["OMP_NUM_THREADS"] = str(_share)
 
